@@ -1,0 +1,31 @@
+# Two commands for a new user: `make demo` and `make test`. Both set up .venv first if needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.reidbuild-installed
+
+.PHONY: demo test pycaffe bench clean-outputs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# the exact CPU wheel first, so nothing below can pull a CUDA build of torch
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/reidbuild apply manifests/demo.yml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# a real CPU pycaffe (about 14 CPU-minutes the first time; cached afterwards)
+pycaffe: $(STAMP)
+	bash scripts/build_pycaffe.sh $(BIN)/python
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
+
+clean-outputs:
+	rm -rf outputs

@@ -1,0 +1,32 @@
+"""The one small interface every inference backend implements (torch, onnxruntime, caffe, tensorrt).
+
+Backends know nothing about manifests: they get artifact paths and float32 NCHW batches
+(RGB 0..255 unless a graph patch changed the input), and return float32 [N, D] features.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Runs one model on batches of preprocessed images."""
+
+    name: str
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, H, W] (RGB, 0..255) -> float32 [N, D]."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What actually ran (runtime, version, device), recorded in the lock next to parity results."""
+        ...
+
+
+def run_batched(runner: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Feed ``images`` through ``runner`` in chunks of at most ``batch_size``; concatenate the features."""
+    outs = [np.asarray(runner.infer(images[i : i + batch_size]), dtype=np.float32)
+            for i in range(0, len(images), batch_size)]
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), np.float32)

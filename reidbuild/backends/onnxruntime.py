@@ -1,0 +1,61 @@
+"""onnxruntime (CPU) runner for ONNX artifacts, including fp16 and Q/DQ int8 graphs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StageFailed
+
+
+def session_options() -> Any:
+    """CPU session settings: no busy-spinning threads (spinning wrecked latency under load on 2 cores)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def adapt_input(batch: np.ndarray, elem_type: str, shape: list[Any]) -> np.ndarray:
+    """Feed float RGB NCHW 0..255 to a graph whose input a patch changed to uint8 BGR NHWC."""
+    if elem_type == "tensor(uint8)":
+        if len(shape) == 4 and shape[-1] == 3:
+            return np.ascontiguousarray(np.clip(np.rint(batch[:, ::-1].transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8))
+        return np.clip(np.rint(batch), 0, 255).astype(np.uint8)
+    if elem_type == "tensor(float16)":
+        return batch.astype(np.float16)
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+class OnnxRuntimeRunner:
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path) -> None:
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(model_path), session_options(),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise StageFailed(f"{model_path}: onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+        self.path = Path(model_path)
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.input_type, self.input_shape = inp.name, inp.type, list(inp.shape)
+        outs = self.session.get_outputs()
+        self.output_name = next((o.name for o in outs if o.name == "output"), outs[0].name)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        feed = {self.input_name: adapt_input(batch, self.input_type, self.input_shape)}
+        try:
+            (out,) = self.session.run([self.output_name], feed)
+        except Exception as exc:
+            raise StageFailed(f"{self.path.name}: onnxruntime failed: {str(exc).splitlines()[0]}") from None
+        return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {"runtime": "onnxruntime", "version": ort.__version__, "device": "cpu"}

@@ -1,0 +1,464 @@
+"""Read fast-reid YAML configs the way fast-reid does, without fast-reid or yacs.
+
+Why not just ``yaml.safe_load``: fast-reid configs rely on ``_BASE_`` inheritance,
+on yacs decoding string values with ``ast.literal_eval`` (``NAME: ("A", "B")`` is a
+tuple, ``LR: 1e-5`` a float) and on defaults for every key a file leaves out.  The
+result here is a plain nested dict (tuples turned into lists) so callers can hash it.
+
+Only the sections that decide the model's architecture (MODEL.BACKBONE, MODEL.HEADS)
+are checked key by key: a typo there would silently build a different network.  Every
+other key fast-reid knows (DATASETS, SOLVER, TEST, ...) is carried through untouched.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from .layers import BN_NORMS, LEGACY_POOL_NAMES, POOL_LAYERS
+from .resnet import DEPTHS
+
+BASE_KEY = "_BASE_"
+
+SUPPORTED_META_ARCHITECTURES: tuple[str, ...] = ("Baseline",)
+SUPPORTED_BACKBONES: tuple[str, ...] = ("build_resnet_backbone",)
+SUPPORTED_HEADS: tuple[str, ...] = ("EmbeddingHead",)
+NECK_FEATS: tuple[str, ...] = ("before", "after")
+LAST_STRIDES: tuple[int, ...] = (1, 2)
+
+# fast-reid's defaults (fastreid/config/defaults.py, v1.x) for the MODEL section and the
+# input sizes.  Values are typed exactly as fast-reid types them, because yacs checks
+# every override against the default's type.
+_DEFAULTS: dict[str, Any] = {
+    "MODEL": {
+        "DEVICE": "cuda",
+        "META_ARCHITECTURE": "Baseline",
+        "FREEZE_LAYERS": [],
+        "QUEUE_SIZE": 8192,
+        "BACKBONE": {
+            "NAME": "build_resnet_backbone",
+            "DEPTH": "50x",
+            "LAST_STRIDE": 1,
+            "FEAT_DIM": 2048,
+            "NORM": "BN",
+            "WITH_IBN": False,
+            "WITH_SE": False,
+            "WITH_NL": False,
+            "SIE_COE": 3.0,
+            "STRIDE_SIZE": (16, 16),
+            "DROP_PATH_RATIO": 0.1,
+            "DROP_RATIO": 0.0,
+            "ATT_DROP_RATE": 0.0,
+            "PRETRAIN": False,
+            "PRETRAIN_PATH": "",
+        },
+        "HEADS": {
+            "NAME": "EmbeddingHead",
+            "NORM": "BN",
+            "NUM_CLASSES": 0,
+            "EMBEDDING_DIM": 0,
+            "WITH_BNNECK": False,
+            "NECK_FEAT": "before",
+            "POOL_LAYER": "GlobalAvgPool",
+            "CLS_LAYER": "Linear",
+            "MARGIN": 0.0,
+            "SCALE": 1,
+        },
+        "LOSSES": {
+            "NAME": ("CrossEntropyLoss",),
+            "CE": {"EPSILON": 0.0, "ALPHA": 0.2, "SCALE": 1.0},
+            "FL": {"ALPHA": 0.25, "GAMMA": 2, "SCALE": 1.0},
+            "TRI": {"MARGIN": 0.3, "NORM_FEAT": False, "HARD_MINING": False, "SCALE": 1.0},
+            "CIRCLE": {"MARGIN": 0.25, "GAMMA": 128, "SCALE": 1.0},
+            "COSFACE": {"MARGIN": 0.25, "GAMMA": 128, "SCALE": 1.0},
+        },
+        "WEIGHTS": "",
+        "PIXEL_MEAN": [0.485 * 255, 0.456 * 255, 0.406 * 255],
+        "PIXEL_STD": [0.229 * 255, 0.224 * 255, 0.225 * 255],
+    },
+    "INPUT": {
+        "SIZE_TRAIN": [256, 128],
+        "SIZE_TEST": [256, 128],
+    },
+}
+
+# Sections whose keys are checked against the defaults (unknown key -> error).
+_STRICT_SECTIONS: tuple[tuple[str, ...], ...] = (("MODEL", "BACKBONE"), ("MODEL", "HEADS"))
+
+# Keys fast-reid dropped in its v0.3 head refactor (Sept 2020); a config that still has
+# them describes a model whose checkpoint layout reidbuild does not reproduce.
+_PRE_V03_KEYS: frozenset[str] = frozenset({
+    "MODEL.BACKBONE.NORM_SPLIT", "MODEL.BACKBONE.VOLUME", "MODEL.HEADS.NORM_SPLIT",
+    "MODEL.HEADS.IN_FEAT", "MODEL.HEADS.REDUCTION_DIM", "MODEL.HEADS.ARCFACE", "MODEL.HEADS.CIRCLE",
+})
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def defaults() -> dict[str, Any]:
+    """A fresh copy of the defaults reidbuild fills in (fast-reid's values, tuples as lists)."""
+    return _plain(copy.deepcopy(_DEFAULTS))
+
+
+def supported() -> dict[str, list[str]]:
+    """What a config may select; used in error messages and by ``reidbuild`` to describe itself."""
+    return {
+        "MODEL.META_ARCHITECTURE": list(SUPPORTED_META_ARCHITECTURES),
+        "MODEL.BACKBONE.NAME": list(SUPPORTED_BACKBONES),
+        "MODEL.BACKBONE.DEPTH": list(DEPTHS),
+        "MODEL.BACKBONE.NORM": list(BN_NORMS),
+        "MODEL.BACKBONE.LAST_STRIDE": [str(s) for s in LAST_STRIDES],
+        "MODEL.HEADS.NAME": list(SUPPORTED_HEADS),
+        "MODEL.HEADS.NORM": list(BN_NORMS),
+        "MODEL.HEADS.POOL_LAYER": list(POOL_LAYERS) + list(LEGACY_POOL_NAMES),
+        "MODEL.HEADS.NECK_FEAT": list(NECK_FEATS),
+    }
+
+
+def load_config(path: Path, opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a fast-reid config (with its ``_BASE_`` chain), fill defaults, apply ``opts``.
+
+    ``opts`` maps dotted keys to values, like fast-reid's ``--opts``; string values are
+    decoded with ``ast.literal_eval`` when they parse, as yacs does.  Raises
+    :class:`ConfigError` for anything fast-reid would reject and for models reidbuild
+    cannot build.  MODEL.DEVICE and MODEL.BACKBONE.PRETRAIN* are kept as written but never
+    acted on: reidbuild builds on the CPU and takes all weights from the checkpoint.
+    """
+    path = Path(path)
+    origins: dict[str, str] = {}
+    tree = _read_with_base(path, stack=(), origins=origins)
+    cfg = copy.deepcopy(_DEFAULTS)
+    _merge(tree, cfg, (), origins, str(path))
+    for dotted, value in (opts or {}).items():
+        _apply_opt(cfg, dotted, value, path)
+    cfg = _plain(cfg)
+    check_supported(cfg, where=str(path))
+    return cfg
+
+
+def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
+    """Raise :class:`ConfigError` unless ``cfg`` describes a model reidbuild can build exactly."""
+    model = _section(cfg, ("MODEL",), where)
+    backbone = _section(cfg, ("MODEL", "BACKBONE"), where)
+    heads = _section(cfg, ("MODEL", "HEADS"), where)
+
+    def need(section: dict[str, Any], prefix: str, key: str) -> Any:
+        if key not in section:
+            raise ConfigError(f"{where}: {prefix}.{key} is missing")
+        return section[key]
+
+    def one_of(value: Any, key: str, allowed: tuple[Any, ...] | list[Any]) -> None:
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed)
+            raise ConfigError(f"{where}: {key}={value!r} is not supported; supported: {shown}")
+
+    def flag(section: dict[str, Any], prefix: str, key: str) -> bool:
+        value = need(section, prefix, key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {prefix}.{key} must be true or false, got {value!r}")
+        return value
+
+    def count(section: dict[str, Any], prefix: str, key: str, minimum: int) -> int:
+        value = need(section, prefix, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{where}: {prefix}.{key} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    one_of(need(model, "MODEL", "META_ARCHITECTURE"), "MODEL.META_ARCHITECTURE", SUPPORTED_META_ARCHITECTURES)
+    one_of(need(backbone, "MODEL.BACKBONE", "NAME"), "MODEL.BACKBONE.NAME", SUPPORTED_BACKBONES)
+    one_of(need(heads, "MODEL.HEADS", "NAME"), "MODEL.HEADS.NAME", SUPPORTED_HEADS)
+    depth = need(backbone, "MODEL.BACKBONE", "DEPTH")
+    one_of(depth, "MODEL.BACKBONE.DEPTH", list(DEPTHS))
+    stride = need(backbone, "MODEL.BACKBONE", "LAST_STRIDE")
+    if isinstance(stride, bool):
+        raise ConfigError(f"{where}: MODEL.BACKBONE.LAST_STRIDE must be 1 or 2, got {stride!r}")
+    one_of(stride, "MODEL.BACKBONE.LAST_STRIDE", LAST_STRIDES)
+    one_of(need(backbone, "MODEL.BACKBONE", "NORM"), "MODEL.BACKBONE.NORM", BN_NORMS)
+    for key in ("WITH_IBN", "WITH_SE", "WITH_NL"):
+        flag(backbone, "MODEL.BACKBONE", key)
+    feat_dim = count(backbone, "MODEL.BACKBONE", "FEAT_DIM", 1)
+    expected = DEPTHS[depth].feat_dim
+    if feat_dim != expected:
+        raise ConfigError(
+            f"{where}: MODEL.BACKBONE.FEAT_DIM={feat_dim} does not match the {depth} ResNet's "
+            f"output width {expected}; fast-reid would build a head that cannot take it"
+        )
+
+    pool = need(heads, "MODEL.HEADS", "POOL_LAYER")
+    if pool in ("Flatten", "flatten"):
+        raise ConfigError(
+            f"{where}: MODEL.HEADS.POOL_LAYER={pool!r} is not supported (its feature size depends on the "
+            f"input size); supported: {', '.join(supported()['MODEL.HEADS.POOL_LAYER'])}"
+        )
+    one_of(pool, "MODEL.HEADS.POOL_LAYER", supported()["MODEL.HEADS.POOL_LAYER"])
+    count(heads, "MODEL.HEADS", "EMBEDDING_DIM", 0)
+    count(heads, "MODEL.HEADS", "NUM_CLASSES", 0)
+    if flag(heads, "MODEL.HEADS", "WITH_BNNECK"):
+        one_of(need(heads, "MODEL.HEADS", "NORM"), "MODEL.HEADS.NORM", BN_NORMS)
+    one_of(need(heads, "MODEL.HEADS", "NECK_FEAT"), "MODEL.HEADS.NECK_FEAT", NECK_FEATS)
+
+    for key, positive in (("PIXEL_MEAN", False), ("PIXEL_STD", True)):
+        value = need(model, "MODEL", key)
+        ok = isinstance(value, list) and len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+            for v in value
+        )
+        if not ok:
+            what = "3 positive finite numbers" if positive else "3 finite numbers"
+            raise ConfigError(f"{where}: MODEL.{key} must be a list of {what} (R, G, B), got {value!r}")
+
+    size = need(_section(cfg, ("INPUT",), where), "INPUT", "SIZE_TEST")
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ConfigError(f"{where}: INPUT.SIZE_TEST must be [height, width] in positive integers, got {size!r}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_with_base(path: Path, stack: tuple[Path, ...], origins: dict[str, str]) -> dict[str, Any]:
+    """One file merged over its ``_BASE_`` chain (fast-reid's load_yaml_with_base), recording which file set each key."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise ConfigError(f"{path}: cannot resolve config path ({exc.__class__.__name__})") from None
+    if resolved in stack:
+        chain = " -> ".join(str(p) for p in (*stack, resolved))
+        raise ConfigError(f"{path}: _BASE_ inheritance forms a cycle: {chain}")
+    tree = _read_yaml(path)
+    base_ref = tree.pop(BASE_KEY, None)
+    if base_ref is None:
+        _record_origins(tree, (), str(path), origins)
+        return tree
+    if not isinstance(base_ref, str) or not base_ref.strip():
+        raise ConfigError(f"{path}: _BASE_ must be a file path string, got {base_ref!r}")
+    if base_ref.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}: _BASE_ {base_ref!r} is a URL; reidbuild reads local files only, download it first")
+    base_path = Path(os.path.expanduser(base_ref))
+    if not base_path.is_absolute():
+        base_path = path.parent / base_path
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: _BASE_ file {base_ref!r} not found (looked for {base_path})")
+    base = _read_with_base(base_path, (*stack, resolved), origins)
+    _record_origins(tree, (), str(path), origins)
+    _inherit(tree, base, (), path)
+    return base
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a fast-reid YAML config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text, expected a fast-reid YAML config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        mark = _mark(exc)
+        raise ConfigError(f"{path}{mark}: YAML tag not allowed by the safe loader ({_first_line(exc.problem)})") from None
+    except yaml.YAMLError as exc:
+        mark = _mark(exc)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{mark}: invalid YAML ({_first_line(problem)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML is nested too deeply") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{path}: config is {kind}, expected a mapping of fast-reid keys (MODEL, INPUT, ...)")
+    try:
+        _check_plain(data, (), str(path))
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML is nested too deeply") from None
+    return data
+
+
+_MAX_NODES = 100_000
+
+
+def _mark(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f":{mark.line + 1}" if mark is not None else ""
+
+
+def _first_line(text: Any) -> str:
+    return str(text).strip().splitlines()[0] if str(text).strip() else "unknown problem"
+
+
+def _check_plain(node: Any, keys: tuple[str, ...], where: str,
+                 _path: tuple[int, ...] = (), _budget: list[int] | None = None) -> None:
+    """Only the value types yacs accepts (plus mappings/lists of them) may appear.
+
+    Also refuses self-referencing or alias-bombed YAML (anchors can build both), which
+    would otherwise recurse forever or blow up when the config is copied or hashed.
+    """
+    budget = [_MAX_NODES] if _budget is None else _budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"{where}: config is too large (more than {_MAX_NODES} values; YAML alias expansion?)")
+    if isinstance(node, (dict, list, tuple)):
+        if id(node) in _path:
+            raise ConfigError(f"{where}: {_dotted(keys) or 'the config'} refers to itself (recursive YAML anchor)")
+        _path = (*_path, id(node))
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}: key {key!r} under {_dotted(keys) or 'the top level'} must be a string")
+            _check_plain(value, (*keys, key), where, _path, budget)
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            _check_plain(item, keys, where, _path, budget)
+    elif not isinstance(node, _SCALARS):
+        raise ConfigError(
+            f"{where}: {_dotted(keys)} has a {type(node).__name__} value; fast-reid configs hold only "
+            "strings, numbers, booleans, null, lists and mappings"
+        )
+
+
+def _record_origins(tree: dict[str, Any], keys: tuple[str, ...], where: str, origins: dict[str, str]) -> None:
+    for key, value in tree.items():
+        full = (*keys, key)
+        origins[_dotted(full)] = where
+        if isinstance(value, dict):
+            _record_origins(value, full, where, origins)
+
+
+def _inherit(child: dict[str, Any], base: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:
+    """Merge ``child`` into ``base`` in place, child winning (fast-reid's merge_a_into_b)."""
+    for key, value in child.items():
+        full = (*keys, key)
+        if isinstance(value, dict) and key in base:
+            if not isinstance(base[key], dict):
+                raise ConfigError(f"{path}: cannot inherit {_dotted(full)}: it is a mapping here but not in the _BASE_ file")
+            _inherit(value, base[key], full, path)
+        else:
+            base[key] = value
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def _merge(tree: dict[str, Any], cfg: dict[str, Any], keys: tuple[str, ...],
+           origins: dict[str, str], default_where: str) -> None:
+    """Merge a loaded tree over the defaults with yacs' decoding and type checks."""
+    strict = keys in _STRICT_SECTIONS
+    for key, raw in tree.items():
+        full = (*keys, key)
+        dotted = _dotted(full)
+        where = origins.get(dotted, default_where)
+        if key == BASE_KEY:
+            raise ConfigError(f"{where}: {dotted} is reserved; _BASE_ is only allowed at the top level of a file")
+        if dotted in _PRE_V03_KEYS:
+            raise ConfigError(
+                f"{where}: {dotted} comes from a fast-reid config older than v0.3 (2020); reidbuild reads "
+                "the v0.3+/v1.x layout (MODEL.HEADS.EMBEDDING_DIM, MODEL.BACKBONE.FEAT_DIM)"
+            )
+        value = _decode(raw)
+        if key in cfg:
+            current = cfg[key]
+            if isinstance(current, dict):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}: {dotted} must be a mapping, got {value!r}")
+                _merge(value, current, full, origins, default_where)
+            else:
+                cfg[key] = _coerce(value, current, dotted, where)
+        elif strict:
+            known = ", ".join(sorted(cfg))
+            raise ConfigError(f"{where}: unknown key {dotted} (fast-reid has no such key; known in {_dotted(keys)}: {known})")
+        else:
+            cfg[key] = _decode_tree(value)
+
+
+def _apply_opt(cfg: dict[str, Any], dotted: Any, raw: Any, path: Path) -> None:
+    where = f"{path} (opts)"
+    if not isinstance(dotted, str) or not dotted or any(not part for part in dotted.split(".")):
+        raise ConfigError(f"{where}: option key {dotted!r} must be a dotted config key such as MODEL.HEADS.POOL_LAYER")
+    parts = dotted.split(".")
+    if BASE_KEY in parts:
+        raise ConfigError(f"{where}: {BASE_KEY} can only be used in config files")
+    _check_plain(raw, tuple(parts), where)
+    node = cfg
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            prefix = _dotted(tuple(parts[:depth])) or "the top level"
+            known = ", ".join(sorted(node)) if isinstance(node, dict) else "none (not a mapping)"
+            raise ConfigError(f"{where}: unknown config key {dotted} (keys under {prefix}: {known})")
+        if depth < len(parts) - 1:
+            node = node[part]
+    leaf = parts[-1]
+    if isinstance(node[leaf], dict):
+        raise ConfigError(f"{where}: {dotted} is a section; set one of its keys instead ({', '.join(sorted(node[leaf]))})")
+    node[leaf] = _coerce(_decode(raw), node[leaf], dotted, where)
+
+
+def _decode(value: Any) -> Any:
+    """yacs' _decode_cfg_value: strings that are Python literals become those literals."""
+    if not isinstance(value, str):
+        return value
+    try:
+        decoded = ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return value
+    if isinstance(decoded, (set, frozenset, dict, complex, bytes)):
+        return value  # yacs would reject these types; keep the text instead
+    return decoded
+
+
+def _decode_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _decode_tree(_decode(v)) for k, v in value.items()}
+    return value
+
+
+def _coerce(value: Any, default: Any, dotted: str, where: str) -> Any:
+    """yacs' type rule: same type as the current value, list<->tuple, None either way.
+
+    One widening beyond yacs: an int where a float is expected (``MARGIN: 0``) is accepted.
+    """
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: {dotted} must be a {type(default).__name__}, got a mapping")
+    if default is None or value is None or type(value) is type(default):
+        return value
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return type(default)(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(
+        f"{where}: {dotted} must be of type {type(default).__name__} (fast-reid's default is {default!r}), "
+        f"got {type(value).__name__} {value!r}"
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _plain(node: Any) -> Any:
+    """Tuples to lists, recursively, so the config round-trips through JSON unchanged."""
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _section(cfg: Any, keys: tuple[str, ...], where: str) -> dict[str, Any]:
+    node = cfg
+    for depth in range(len(keys)):
+        node = node.get(keys[depth]) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: section {_dotted(keys[: depth + 1])} is missing or not a mapping")
+    return node
+
+
+def _dotted(keys: tuple[str, ...]) -> str:
+    return ".".join(keys)

@@ -1,0 +1,84 @@
+"""The lock: a plain, sorted, diff-friendly YAML record of every input, stage fingerprint and artifact.
+
+Written atomically beside the manifest (``<stem>.lock``); read back to decide what is stale and to verify.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import yamlio
+from .errors import InputError
+from .fsutil import atomic_write
+
+LOCK_VERSION = 1
+HEADER = "# reidbuild lock file: written by `reidbuild apply`; commit it next to the manifest.\n"
+
+
+@dataclass
+class StageRecord:
+    """What one stage consumed and produced the last time it ran."""
+
+    fingerprint: str
+    status: str  # ok | failed | skipped
+    params: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)   # role -> {path, sha256, size}
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> {path, sha256, size, ...}
+    record: dict[str, Any] = field(default_factory=dict)              # stage-specific facts (parity, exporter)
+    tools: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "status": self.status, "params": self.params,
+                "inputs": self.inputs, "outputs": self.outputs, "record": self.record, "tools": self.tools}
+
+
+@dataclass
+class Lock:
+    manifest: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    def to_text(self) -> str:
+        body = {"version": LOCK_VERSION, "manifest": self.manifest,
+                "stages": {k: v.to_dict() for k, v in self.stages.items()}}
+        return HEADER + yaml.safe_dump(_plain(body), sort_keys=True, default_flow_style=False, width=100)
+
+
+def _plain(obj: Any) -> Any:
+    """Round-trip through JSON so only plain types (and stable float text) reach YAML."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a stage's parameters, input hashes, upstream hashes and tool versions."""
+    text = json.dumps(_plain(parts), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read(path: Path) -> Lock | None:
+    """The lock at ``path``, None if absent; a corrupt lock is an InputError naming the file."""
+    if not path.exists():
+        return None
+    doc = yamlio.load(path, "lock file")
+    data = doc.data
+    try:
+        if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
+            raise ValueError(f"expected a mapping with version: {LOCK_VERSION}")
+        stages = {}
+        for name, rec in (data.get("stages") or {}).items():
+            stages[name] = StageRecord(
+                fingerprint=str(rec["fingerprint"]), status=str(rec["status"]),
+                params=dict(rec.get("params") or {}), inputs=dict(rec.get("inputs") or {}),
+                outputs=dict(rec.get("outputs") or {}), record=dict(rec.get("record") or {}),
+                tools=dict(rec.get("tools") or {}))
+        return Lock(manifest=dict(data.get("manifest") or {}), stages=stages)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: lock file is corrupt ({exc}); delete it to rebuild from scratch") from None
+
+
+def write(path: Path, lock: Lock) -> None:
+    atomic_write(path.parent, path.name, lock.to_text().encode())

@@ -1,0 +1,298 @@
+"""The manifest: pydantic models of the YAML a user writes, and loading with file:line:column errors.
+
+Only data lives here; what the manifest *means* (which stages run) is decided in ``pipeline.py``.
+"""
+from __future__ import annotations
+
+import difflib
+import glob as _glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import yamlio
+from .errors import ImageError, ManifestError
+
+BACKENDS = ("onnxruntime", "caffe", "tensorrt")
+CHECKS = ("onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8")
+
+
+def check_plain_name(value: str, what: str = "name") -> str:
+    """Refuse anything that could escape a folder when used as (part of) a file name."""
+    if not value or "/" in value or "\\" in value or ".." in value or value.startswith(".") or "\x00" in value:
+        raise ValueError(f"{what} must be a plain file name (no '/', '\\', '..' or leading '.'), got {value!r}")
+    if len(value) > 100:
+        raise ValueError(f"{what} must be at most 100 characters")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RandomWeights(_Strict):
+    seed: int = Field(ge=0, description="Seed for deterministic random weights (demo and tests).")
+
+
+class RandomSource(_Strict):
+    random: RandomWeights
+
+
+class Source(_Strict):
+    format: Literal["fastreid"] = Field(description="Training framework of the checkpoint.")
+    config: str = Field(description="fast-reid config.yml (relative to the manifest); _BASE_ honoured.")
+    weights: Union[str, RandomSource] = Field(description="model_final.pth, or {random: {seed: N}}.")
+    opts: dict[str, Union[str, int, float, bool, list[Union[str, int, float, bool]]]] = Field(
+        default_factory=dict, description="Config overrides like fast-reid's --opts, dotted keys."
+    )
+
+
+class Input(_Strict):
+    height: int = Field(ge=8, le=4096)
+    width: int = Field(ge=8, le=4096)
+    color: Literal["RGB", "BGR"] = Field("RGB", description="Channel order fed to the model.")
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] = "bicubic"
+
+
+class OnnxTarget(_Strict):
+    opset: int = Field(17, ge=11, le=17, description="TorchScript exporter opsets (reproducible bytes).")
+    simplify: bool = True
+    dynamic_batch: bool = True
+    patches: list[str] = Field(default_factory=list, description="Graph patch files applied in order.")
+
+
+class CaffeTarget(_Strict):
+    dialect: Literal["bvlc", "ceil_mode"] = Field(
+        description="bvlc: stock Caffe 1.0 (ceil pooling, no rounding field); "
+        "ceil_mode: the fork field PoolingParameter.ceil_mode = 13 (bool). Never guessed."
+    )
+    patches: list[str] = Field(default_factory=list)
+    batch_size: int = Field(1, ge=1, le=1024, description="N of the prototxt's input shape.")
+
+
+class Calibration(_Strict):
+    images: str
+    batches: int = Field(ge=1, le=10_000)
+    method: Literal["entropy", "percentile", "minmax"] = "entropy"
+    percentile: float = Field(99.999, gt=50, le=100)
+
+
+class TensorRTTarget(_Strict):
+    mode: Literal["fp32", "fp16", "int8"]
+    batch_size: int = Field(ge=1, le=4096)
+    height: Optional[int] = Field(None, ge=8, le=4096)
+    width: Optional[int] = Field(None, ge=8, le=4096)
+    workspace_mib: int = Field(1024, ge=16, le=1 << 20)
+    calibration: Optional[Calibration] = None
+
+    @model_validator(mode="after")
+    def _int8_needs_calibration(self) -> "TensorRTTarget":
+        if self.mode == "int8" and self.calibration is None:
+            raise ValueError("mode int8 needs a calibration section (images, batches)")
+        return self
+
+
+class Targets(_Strict):
+    onnx: OnnxTarget = Field(default_factory=OnnxTarget)
+    caffe: Optional[CaffeTarget] = None
+    tensorrt: Optional[TensorRTTarget] = None
+
+
+class Tolerance(_Strict):
+    """Per-check tolerances; unset fields fall back to the parity section or the precision profile."""
+
+    rtol: Optional[float] = Field(None, ge=0)
+    atol: Optional[float] = Field(None, ge=0)
+    min_cosine: Optional[float] = Field(None, ge=-1, le=1)
+    min_rank1: Optional[float] = Field(None, ge=0, le=1, description="Rank-1 agreement with the reference.")
+    topk: Optional[int] = Field(None, ge=1)
+    min_topk_overlap: Optional[float] = Field(None, ge=0, le=1)
+
+
+class Parity(_Strict):
+    images: str
+    reference: Literal["torch"] = "torch"
+    rtol: float = Field(1e-3, ge=0)
+    atol: float = Field(1e-6, ge=0)
+    min_cosine: Optional[float] = Field(None, ge=-1, le=1)
+    backends: list[Literal["onnxruntime", "caffe", "tensorrt"]] = Field(min_length=1)
+    overrides: dict[Literal["onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8"], Tolerance] = Field(
+        default_factory=dict, description="Per-backend tolerance overrides."
+    )
+    batch_size: int = Field(4, ge=1, le=256)
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("backends are listed more than once")
+        return v
+
+
+class Manifest(_Strict):
+    version: Literal[1]
+    name: str
+    source: Source
+    input: Input
+    output_dir: str
+    targets: Targets = Field(default_factory=Targets)
+    parity: Optional[Parity] = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_plain_name(v)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Manifest":
+        trt = self.targets.tensorrt
+        if trt is not None:
+            for dim in ("height", "width"):
+                v = getattr(trt, dim)
+                if v is not None and v != getattr(self.input, dim):
+                    raise ValueError(
+                        f"targets.tensorrt.{dim} is {v} but input.{dim} is {getattr(self.input, dim)}; they must agree"
+                    )
+            if trt.mode != "fp32" and self.parity is None:
+                raise ValueError(f"targets.tensorrt mode {trt.mode} needs a parity section: its images prove the "
+                                 f"{trt.mode} ONNX on the CPU before an engine is built")
+            if not self.targets.onnx.dynamic_batch and trt.batch_size != 1:
+                raise ValueError("targets.tensorrt.batch_size > 1 needs targets.onnx.dynamic_batch: true")
+        if self.parity is not None:
+            declared = {"onnxruntime": True, "caffe": self.targets.caffe is not None,
+                        "tensorrt": trt is not None}
+            missing = [b for b in self.parity.backends if not declared[b]]
+            if missing:
+                raise ValueError(f"parity.backends {missing} are not declared under targets")
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedManifest:
+    """A validated manifest plus where it lives; all paths resolve relative to the manifest's folder."""
+
+    path: Path
+    model: Manifest
+    doc: yamlio.Document
+    sha256: str
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    @property
+    def output_dir(self) -> Path:
+        return (self.base / self.model.output_dir).resolve()
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.stem + ".lock")
+
+    def resolve(self, rel: str) -> Path:
+        return (self.base / rel).resolve()
+
+    def where(self, *key_path: Any) -> str:
+        return self.doc.where(key_path)
+
+    def images(self, *key_path: str) -> list[Path]:
+        """Files matched by the glob at ``key_path`` (e.g. 'parity', 'images'), sorted; none is an error."""
+        node: Any = self.model
+        for k in key_path:
+            node = getattr(node, k)
+        pattern = str(self.base / node)
+        found = sorted(Path(p).resolve() for p in _glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not found:
+            raise ImageError(f"{self.where(*key_path)}: {'.'.join(key_path)}: glob {node!r} matches no file")
+        return found
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (expected one of: {', '.join(sorted(options))})"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model owning the mapping at ``loc`` (for 'did you mean' suggestions)."""
+    model: Any = Manifest
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        fld = model.model_fields.get(part) if isinstance(part, str) else None
+        if fld is None:
+            return None
+        model = _unwrap(fld.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    for arg in getattr(tp, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return tp
+
+
+def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: type[BaseModel] = Manifest) -> str:
+    """One line for the first error: ``file:line:col: field.path: what was expected`` (+ count of others)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
+    # pydantic adds union member names ('str', 'RandomSource') to loc: keep only real data keys
+    data_loc: list[Any] = []
+    node: Any = doc.data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            data_loc.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            data_loc.append(part)
+            node = node[part]
+        elif first["type"] == "missing" and part == loc[-1]:
+            data_loc.append(part)
+    field = ".".join(str(p) for p in data_loc) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        owner = _model_at(tuple(data_loc[:-1])) if root is Manifest else None
+        if owner is not None:
+            msg = f"unknown key{_did_you_mean(str(data_loc[-1]), list(owner.model_fields))}"
+        else:
+            msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    elif first["type"] == "literal_error":
+        msg = f"got {first.get('input')!r}; {msg.lower()}"
+    msg = msg.replace("Value error, ", "")
+    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    where = doc.where(tuple(data_loc[:-1]) if first["type"] == "missing" else tuple(data_loc))
+    return f"{where}: {field}: {msg}{more}"
+
+
+def load_manifest(path: Path) -> LoadedManifest:
+    """Read and validate a manifest; every failure is a ManifestError with file:line:column."""
+    import hashlib
+
+    path = Path(path).absolute()
+    try:
+        doc = yamlio.load(path, "manifest")
+    except ManifestError:
+        raise
+    except Exception as exc:  # InputError from the reader: re-type as a manifest problem
+        raise ManifestError(str(exc)) from None
+    if not isinstance(doc.data, dict):
+        raise ManifestError(f"{path}:1:1: a manifest must be a mapping of keys (version, name, source, ...)")
+    try:
+        model = Manifest.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ManifestError(format_validation_error(doc, exc)) from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return LoadedManifest(path=path, model=model, doc=doc, sha256=digest)
+
+
+def json_schema() -> str:
+    """The manifest's JSON Schema, for editors."""
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "reidbuild manifest"
+    return json.dumps(schema, indent=2, sort_keys=True)

@@ -1,0 +1,365 @@
+"""Plan and run: turn stages into a fingerprinted plan, run what is stale, commit artifacts and the lock.
+
+Stages (``reidbuild/stages/*``) describe themselves as ``Stage`` values; this module knows nothing of
+ONNX or Caffe. Data flows one way: manifest -> stages -> artifacts -> lock.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from . import lockfile
+from .errors import CheckFailed, InputError, ReidbuildError, StageFailed, Unavailable
+from .fsutil import HashCache, atomic_write, clean_temp_files, ensure_dir, sha256_bytes
+
+# ----------------------------------------------------------------------------------------------- types
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: artifact bytes by file name, and facts to record in the lock."""
+
+    outputs: dict[str, bytes] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    failed: Optional[str] = None  # a check stage sets this: recorded as failed, apply exits 1
+
+
+@dataclass
+class Stage:
+    """One step of the build.
+
+    ``params`` (JSON-able), the hashes of ``inputs`` (external files), the hashes of the outputs of
+    ``deps`` and the versions of ``tools`` make its fingerprint; when that changes, it re-runs.
+    """
+
+    name: str
+    run: Callable[["StageContext"], StageResult]
+    params: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Path] = field(default_factory=dict)
+    deps: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    tools: tuple[str, ...] = ()
+    available: Optional[Callable[[], Optional[str]]] = None  # returns why it cannot run here, or None
+    reproducible: bool = True  # False: bytes differ run to run (TensorRT engines); --locked checks env instead
+    description: str = ""
+
+
+class StageContext:
+    """What a running stage may touch: upstream artifacts, a per-run cache, and a progress logger."""
+
+    def __init__(self, output_dir: Path, cache: dict[str, Any], log: Callable[[str], None]) -> None:
+        self.output_dir = output_dir
+        self.cache = cache
+        self.log = log
+
+    def artifact(self, name: str) -> Path:
+        """Path of an already committed artifact (an upstream stage's output)."""
+        return self.output_dir / name
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        """Per-run memo, e.g. the PyTorch model or reference features shared by several stages."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def tempdir(self) -> Path:
+        """A scratch folder inside the output folder, removed after the run (success or failure)."""
+        if "_tmp" not in self.cache:
+            self.cache["_tmp"] = Path(tempfile.mkdtemp(prefix=".tmp-work-", dir=self.output_dir))
+        return self.cache["_tmp"]
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class StagePlan:
+    stage: Stage
+    fingerprint: Optional[str]  # None when an upstream stage must run first
+    reasons: list[str]
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.reasons)
+
+
+def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for n in names:
+        if n == "python":
+            out[n] = "%d.%d.%d" % sys.version_info[:3]
+            continue
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = "absent"
+    return out
+
+
+def file_entry(path: Path, base: Path, hashes: HashCache) -> dict[str, Any]:
+    try:
+        digest = hashes.file(path)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise InputError(f"{path}: input file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: input is a folder, expected a file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read input: {exc.strerror}") from None
+    return {"path": _rel(path, base), "sha256": digest, "size": size}
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        import os
+
+        return os.path.relpath(Path(path).resolve(), base.resolve())
+
+
+class Planner:
+    """Computes fingerprints and stale reasons against a lock, stage by stage, in order."""
+
+    def __init__(self, stages: list[Stage], lock: Optional[lockfile.Lock], output_dir: Path, base: Path,
+                 hashes: HashCache) -> None:
+        self.stages = stages
+        self.lock = lock or lockfile.Lock()
+        self.output_dir = output_dir
+        self.base = base
+        self.hashes = hashes
+        names = [s.name for s in stages]
+        for s in stages:
+            for d in s.deps:
+                if d not in names[: names.index(s.name)]:
+                    raise ValueError(f"stage {s.name} depends on {d}, which does not run before it")
+
+    def inputs_of(self, stage: Stage) -> dict[str, dict[str, Any]]:
+        return {role: file_entry(p, self.base, self.hashes) for role, p in sorted(stage.inputs.items())}
+
+    def dep_hashes(self, stage: Stage, outputs: dict[str, dict[str, dict[str, Any]]]) -> Optional[dict[str, str]]:
+        deps: dict[str, str] = {}
+        for d in stage.deps:
+            if d not in outputs:
+                return None
+            for fname, entry in sorted(outputs[d].items()):
+                deps[f"{d}/{fname}"] = entry["sha256"]
+        return deps
+
+    def fingerprint(self, stage: Stage, inputs: dict[str, dict[str, Any]], deps: dict[str, str]) -> str:
+        return lockfile.fingerprint({
+            "stage": stage.name, "params": stage.params,
+            "inputs": {k: v["sha256"] for k, v in inputs.items()},
+            "deps": deps, "tools": tool_versions(stage.tools)})
+
+    def check(self, stage: Stage, fp: Optional[str], upstream_stale: list[str]) -> list[str]:
+        """Why ``stage`` must run (empty: up to date)."""
+        rec = self.lock.stages.get(stage.name)
+        if rec is None:
+            return ["never built (not in the lock)"]
+        reasons: list[str] = []
+        if rec.status != "ok":
+            reasons.append(f"last run {rec.status}")
+        if fp is None:
+            reasons.append(f"upstream stage(s) {', '.join(upstream_stale)} will run first")
+        elif fp != rec.fingerprint:
+            reasons.extend(self._why_changed(stage, rec) or ["fingerprint changed"])
+        for fname in stage.outputs:
+            path = self.output_dir / fname
+            entry = rec.outputs.get(fname)
+            if entry is None:
+                reasons.append(f"artifact {fname} not in the lock")
+            elif not path.is_file() or path.is_symlink():
+                reasons.append(f"artifact {fname} is missing")
+            elif self.hashes.file(path) != entry.get("sha256"):
+                reasons.append(f"artifact {fname} was modified")
+        return reasons
+
+    def _why_changed(self, stage: Stage, rec: lockfile.StageRecord) -> list[str]:
+        out = []
+        params = lockfile._plain(stage.params)
+        changed = sorted(k for k in set(params) | set(rec.params) if params.get(k) != rec.params.get(k))
+        if changed:
+            out.append("parameters changed: " + ", ".join(changed))
+        inputs = self.inputs_of(stage)
+        changed_in = sorted(k for k in set(inputs) | set(rec.inputs)
+                            if inputs.get(k, {}).get("sha256") != rec.inputs.get(k, {}).get("sha256"))
+        if changed_in:
+            out.append("inputs changed: " + ", ".join(changed_in))
+        tools = tool_versions(stage.tools)
+        changed_t = sorted(k for k in tools if rec.tools and tools[k] != rec.tools.get(k))
+        if changed_t:
+            out.append("tool versions changed: " + ", ".join(f"{k} {rec.tools.get(k)} -> {tools[k]}" for k in changed_t))
+        return out
+
+    def plan(self) -> list[StagePlan]:
+        """Dry plan: a stage downstream of a stale one is stale too, since its inputs are not known yet."""
+        result: list[StagePlan] = []
+        outputs: dict[str, dict[str, dict[str, Any]]] = {}
+        stale_names: list[str] = []
+        for stage in self.stages:
+            inputs = self.inputs_of(stage)
+            deps = self.dep_hashes(stage, outputs)
+            up = [d for d in stage.deps if d in stale_names]
+            fp = None if deps is None or up else self.fingerprint(stage, inputs, deps)
+            reasons = self.check(stage, fp, up or [d for d in stage.deps if d not in outputs])
+            result.append(StagePlan(stage, fp, reasons))
+            rec = self.lock.stages.get(stage.name)
+            if reasons or rec is None:
+                stale_names.append(stage.name)
+            else:
+                outputs[stage.name] = rec.outputs
+        return result
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class Event:
+    """Progress reported to the CLI (which alone decides how to print it)."""
+
+    kind: str  # start | done | skip | cached | log | fail
+    stage: str
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class RunOutcome:
+    ran: list[str]
+    cached: list[str]
+    skipped: list[str]
+    failed: list[str]
+    drift: list[str]
+    lock: lockfile.Lock
+    timings: dict[str, float]
+
+
+def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any], output_dir: Path, base: Path,
+        emit: Callable[[Event], None], locked: bool = False, skip_unavailable: bool = False,
+        force: bool = False) -> RunOutcome:
+    """Run every stale stage in order, committing each stage's artifacts and then the lock.
+
+    Each artifact is written atomically and the lock is rewritten after every stage, so a crash leaves
+    complete files and a lock that describes only what was committed. With ``locked`` nothing in the lock
+    is rewritten: any artifact whose bytes differ from the lock is reported as drift (CheckFailed).
+    """
+    ensure_dir(output_dir)
+    clean_temp_files(output_dir)
+    clean_temp_files(lock_path.parent)
+    old = lockfile.read(lock_path)
+    new = lockfile.Lock(manifest=manifest_entry,
+                        stages={} if old is None else {k: v for k, v in old.stages.items()
+                                                       if k in {s.name for s in stages}})
+    hashes = HashCache()
+    planner = Planner(stages, old, output_dir, base, hashes)
+    cache: dict[str, Any] = {}
+    outcome = RunOutcome([], [], [], [], [], new, {})
+    outputs: dict[str, dict[str, dict[str, Any]]] = {}
+    skipped_names: set[str] = set()
+    unavailable: Optional[Unavailable] = None
+    if locked and old is None:
+        raise CheckFailed(f"{lock_path}: --locked given but there is no lock file; run apply without --locked first")
+    try:
+        for stage in stages:
+            if any(d in skipped_names for d in stage.deps):
+                skipped_names.add(stage.name)
+                outcome.skipped.append(stage.name)
+                emit(Event("skip", stage.name, "upstream stage was skipped"))
+                new.stages[stage.name] = lockfile.StageRecord(fingerprint="", status="skipped",
+                                                              params=lockfile._plain(stage.params),
+                                                              record={"reason": "upstream stage was skipped"})
+                continue
+            inputs = planner.inputs_of(stage)
+            deps = planner.dep_hashes(stage, outputs) or {}
+            fp = planner.fingerprint(stage, inputs, deps)
+            reasons = ["--force"] if force else planner.check(stage, fp, [])
+            rec_old = None if old is None else old.stages.get(stage.name)
+            if not reasons and rec_old is not None:
+                outputs[stage.name] = rec_old.outputs
+                outcome.cached.append(stage.name)
+                emit(Event("cached", stage.name, "up to date"))
+                continue
+            if locked and (rec_old is None or rec_old.fingerprint != fp):
+                why = "; ".join(planner.check(stage, fp, [])) or "fingerprint differs"
+                outcome.drift.append(f"{stage.name}: {why}")
+                raise CheckFailed(f"{lock_path}: --locked: stage {stage.name} differs from the lock ({why})")
+            why_not = stage.available() if stage.available else None
+            if why_not:
+                if skip_unavailable:
+                    skipped_names.add(stage.name)
+                    outcome.skipped.append(stage.name)
+                    emit(Event("skip", stage.name, why_not))
+                    if not locked:
+                        new.stages[stage.name] = lockfile.StageRecord(
+                            fingerprint=fp, status="skipped", params=lockfile._plain(stage.params),
+                            inputs=inputs, record={"reason": why_not}, tools=tool_versions(stage.tools))
+                        lockfile.write(lock_path, new)
+                    continue
+                unavailable = Unavailable(f"stage {stage.name}: {why_not} (use --skip-unavailable to record it "
+                                          "as skipped)")
+                break
+            emit(Event("start", stage.name, "; ".join(reasons)))
+            t0 = time.perf_counter()
+            ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)))
+            try:
+                result = stage.run(ctx)
+            except ReidbuildError:
+                raise
+            except MemoryError:
+                raise StageFailed(f"stage {stage.name}: out of memory") from None
+            missing = set(stage.outputs) - set(result.outputs)
+            extra = set(result.outputs) - set(stage.outputs)
+            if missing or extra:
+                raise StageFailed(f"stage {stage.name} produced {sorted(result.outputs)}, declared {list(stage.outputs)}")
+            seconds = time.perf_counter() - t0
+            outcome.timings[stage.name] = seconds
+            out_entries: dict[str, dict[str, Any]] = {}
+            for fname in stage.outputs:
+                data = result.outputs[fname]
+                out_entries[fname] = {"path": _rel(output_dir / fname, base), "sha256": sha256_bytes(data),
+                                      "size": len(data)}
+                if not stage.reproducible:
+                    out_entries[fname]["reproducible"] = False
+            if locked:
+                diffs = [f for f, e in out_entries.items()
+                         if stage.reproducible and (rec_old is None or rec_old.outputs.get(f, {}).get("sha256") != e["sha256"])]
+                outcome.drift.extend(f"{stage.name}/{f}" for f in diffs)
+            if not locked or not outcome.drift:
+                for fname in stage.outputs:
+                    atomic_write(output_dir, fname, result.outputs[fname])
+            status = "failed" if result.failed else "ok"
+            outputs[stage.name] = out_entries
+            if not locked:
+                new.stages[stage.name] = lockfile.StageRecord(
+                    fingerprint=fp, status=status, params=lockfile._plain(stage.params), inputs=inputs,
+                    outputs=out_entries, record=result.record, tools=tool_versions(stage.tools))
+                lockfile.write(lock_path, new)
+            outcome.ran.append(stage.name)
+            if result.failed:
+                outcome.failed.append(f"{stage.name}: {result.failed}")
+                emit(Event("fail", stage.name, result.failed, seconds))
+            else:
+                emit(Event("done", stage.name, "", seconds))
+    finally:
+        tmp = cache.get("_tmp")
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not locked:
+        lockfile.write(lock_path, new)
+    if unavailable is not None:
+        raise unavailable
+    return outcome
+
+
+def iter_artifacts(lock: lockfile.Lock) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for sname, rec in sorted(lock.stages.items()):
+        for fname, entry in sorted(rec.outputs.items()):
+            yield sname, fname, entry

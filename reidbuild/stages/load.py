@@ -1,0 +1,74 @@
+"""Load stage: read the fast-reid config and checkpoint, build the PyTorch model, record what was built."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..manifest import LoadedManifest, RandomSource
+from ..pipeline import Stage, StageContext, StageResult
+from . import ArtifactRef
+
+STAGE = "load"
+
+
+def _model_cfg(lm: LoadedManifest) -> dict[str, Any]:
+    from ..fastreid.config import load_config
+
+    return load_config(lm.resolve(lm.model.source.config), dict(lm.model.source.opts))
+
+
+def build_torch_model(lm: LoadedManifest, cfg: dict[str, Any]) -> Any:
+    """The reference PyTorch model: fast-reid Baseline with the checkpoint's (or seeded random) weights."""
+    from ..fastreid.checkpoint import init_random, load_weights
+    from ..fastreid.baseline import build_model
+
+    model = build_model(cfg)
+    weights = lm.model.source.weights
+    if isinstance(weights, RandomSource):
+        init_random(model, weights.random.seed)
+    else:
+        load_weights(model, lm.resolve(weights))
+    return model.eval()
+
+
+def model_from(ctx: StageContext, lm: LoadedManifest, cfg: dict[str, Any]) -> Any:
+    """The PyTorch model, built once per run whichever stage asks first."""
+    return ctx.cached("torch_model", lambda: build_torch_model(lm, cfg))
+
+
+def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
+    """Validates the config now (plan time) so config errors surface before any work."""
+    import numpy as np
+
+    cfg = _model_cfg(lm)
+    src = lm.model.source
+    inputs: dict[str, Path] = {"config": lm.resolve(src.config)}
+    if isinstance(src.weights, RandomSource):
+        weights_param: Any = {"random": {"seed": src.weights.random.seed}}
+    else:
+        inputs["weights"] = lm.resolve(src.weights)
+        weights_param = "checkpoint"
+    out = f"{lm.model.name}.fastreid.json"
+    h, w = lm.model.input.height, lm.model.input.width
+
+    def run(ctx: StageContext) -> StageResult:
+        import torch
+
+        model = model_from(ctx, lm, cfg)
+        with torch.inference_mode():
+            feat = model(torch.zeros(1, 3, h, w)).numpy()
+        if feat.ndim != 2 or not np.all(np.isfinite(feat)):
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"{src.weights}: the model gives non-finite features on a blank image")
+        summary = {"config": cfg, "weights": weights_param, "feature_dim": int(feat.shape[1]),
+                   "parameters": int(sum(p.numel() for p in model.parameters())),
+                   "state_dict_keys": len(model.state_dict())}
+        data = (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()
+        return StageResult({out: data}, {"feature_dim": summary["feature_dim"], "parameters": summary["parameters"]})
+
+    stage = Stage(name=STAGE, run=run, params={"config": cfg, "weights": weights_param, "input": [h, w]},
+                  inputs=inputs, outputs=(out,), tools=("torch",),
+                  description="build the fast-reid model from config + checkpoint")
+    return stage, ArtifactRef(STAGE, out), cfg

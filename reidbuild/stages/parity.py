@@ -1,0 +1,99 @@
+"""Parity stages: prove each backend computes the PyTorch model's features on real images.
+
+One stage per check (``parity.onnxruntime``, ``parity.onnx_int8``, ``parity.caffe``, ...), so editing one
+target re-runs only its own proof. A failing check is recorded as failed in the lock and exits 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..backends.base import Runner, run_batched
+from ..compare import TOLERANCE_KEYS, compare
+from ..manifest import LoadedManifest
+from ..pipeline import Stage, StageContext, StageResult
+from . import ArtifactRef
+from .load import model_from
+
+
+@dataclass
+class ParityCheck:
+    """One backend artifact to prove against the reference."""
+
+    check: str  # onnxruntime | caffe | tensorrt | onnx_fp16 | onnx_int8
+    artifacts: list[ArtifactRef]
+    make_runner: Callable[[StageContext], Runner]
+    profile: dict[str, Any]  # default tolerances for this check (before manifest overrides)
+    available: Optional[Callable[[], Optional[str]]] = None
+    output_transforms: list[str] = field(default_factory=list)  # declared by graph patches (changes_output)
+
+
+def tolerance_for(lm: LoadedManifest, check: ParityCheck) -> dict[str, Any]:
+    """Profile defaults, then the manifest's parity section (for fp32 checks), then per-check overrides."""
+    tol = {k: check.profile.get(k) for k in TOLERANCE_KEYS}
+    override = lm.model.parity.overrides.get(check.check) if lm.model.parity else None
+    if override is not None:
+        tol.update({k: v for k, v in override.model_dump().items() if v is not None})
+    return tol
+
+
+def fp32_profile(lm: LoadedManifest) -> dict[str, Any]:
+    p = lm.model.parity
+    assert p is not None
+    return {"rtol": p.rtol, "atol": p.atol, "min_cosine": p.min_cosine}
+
+
+def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
+    """Apply to the reference what graph patches declared they do to the output (e.g. l2_normalize)."""
+    for t in transforms:
+        if t == "l2_normalize":
+            norm = np.linalg.norm(features, axis=1, keepdims=True)
+            features = features / np.maximum(norm, 1e-12)
+        else:  # validated by the patch loader; reaching here is a programming error
+            raise ValueError(f"unknown output transform {t!r}")
+    return features.astype(np.float32)
+
+
+def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, check: ParityCheck,
+                 images: list[Path]) -> Stage:
+    parity = lm.model.parity
+    assert parity is not None
+    inp = lm.model.input
+    tol = tolerance_for(lm, check)
+    preprocess = {"height": inp.height, "width": inp.width, "color": inp.color,
+                  "interpolation": inp.interpolation, "layout": "NCHW float32 0..255"}
+    names = [p.name for p in images]
+
+    def run(ctx: StageContext) -> StageResult:
+        from ..backends.torch import TorchRunner
+        from ..images import load_images
+
+        batch = ctx.cached("parity_images", lambda: load_images(images, inp.height, inp.width, inp.color,
+                                                                inp.interpolation))
+        raw_ref = ctx.cached("parity_reference", lambda: run_batched(TorchRunner(model_from(ctx, lm, cfg)),
+                                                                     batch, parity.batch_size))
+        reference = apply_transforms(raw_ref, check.output_transforms)
+        runner = check.make_runner(ctx)
+        actual = run_batched(runner, batch, parity.batch_size)
+        result = compare(reference, actual, tol)
+        record = {"backend": runner.describe(), "reference": "torch", "transforms": check.output_transforms,
+                  **result.summary(),
+                  "per_image": [{"image": names[r.index], "max_abs": float(f"{r.max_abs:.4g}"),
+                                 "cosine": float(f"{r.cosine:.8f}"), "ok": r.ok} for r in result.images]}
+        failed = None
+        if not result.passed:
+            failed = f"parity {check.check}: " + "; ".join(result.failures) + "\n" + result.table(names)
+        ctx.log(f"max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
+                + (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}" if result.rank1 is not None else ""))
+        return StageResult({}, record, failed)
+
+    inputs = {f"image[{i:03d}]": p for i, p in enumerate(images)}
+    deps = tuple(dict.fromkeys([load.stage] + [a.stage for a in check.artifacts]))
+    return Stage(f"parity.{check.check}", run,
+                 params={"tolerance": tol, "preprocess": preprocess, "transforms": check.output_transforms,
+                         "batch_size": parity.batch_size, "reference": parity.reference},
+                 inputs=inputs, deps=deps, tools=("torch", "onnxruntime"), available=check.available,
+                 description=f"compare {check.check} features with PyTorch")
