@@ -45,8 +45,7 @@ class Comparison:
             return None if x is None else float(f"{x:.6g}")
         return {"passed": self.passed, "images": len(self.images), "max_abs": r(self.max_abs),
                 "max_rel": r(self.max_rel), "min_cosine": r(self.min_cosine), "rank1_agreement": r(self.rank1),
-                f"top{self.topk}_overlap": r(self.topk_overlap), "tolerance": self.tolerance,
-                "failures": self.failures}
+                f"top{self.topk}_overlap": r(self.topk_overlap), "failures": self.failures}
 
     def table(self, names: list[str]) -> str:
         rows = [f"{'image':<32} {'max_abs':>10} {'max_rel':>10} {'cosine':>12}  ok"]

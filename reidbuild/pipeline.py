@@ -53,10 +53,12 @@ class Stage:
 class StageContext:
     """What a running stage may touch: upstream artifacts, a per-run cache, and a progress logger."""
 
-    def __init__(self, output_dir: Path, cache: dict[str, Any], log: Callable[[str], None]) -> None:
+    def __init__(self, output_dir: Path, cache: dict[str, Any], log: Callable[[str], None],
+                 inputs: Optional[dict[str, dict[str, Any]]] = None) -> None:
         self.output_dir = output_dir
         self.cache = cache
         self.log = log
+        self.inputs = inputs or {}  # role -> {path, sha256, size}, already hashed by the planner
 
     def artifact(self, name: str) -> Path:
         """Path of an already committed artifact (an upstream stage's output)."""
@@ -308,7 +310,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 break
             emit(Event("start", stage.name, "; ".join(reasons)))
             t0 = time.perf_counter()
-            ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)))
+            ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs)
             try:
                 result = stage.run(ctx)
             except ReidbuildError:

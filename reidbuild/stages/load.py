@@ -18,6 +18,18 @@ def _model_cfg(lm: LoadedManifest) -> dict[str, Any]:
     return load_config(lm.resolve(lm.model.source.config), dict(lm.model.source.opts))
 
 
+# the keys that decide the deployed network; solver, datasets, losses and the classifier do not
+_TRAINING_ONLY_HEAD_KEYS = ("CLS_LAYER", "MARGIN", "SCALE", "NUM_CLASSES")
+
+
+def model_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a fast-reid config that shapes the inference graph (hashed into the fingerprint)."""
+    model = cfg["MODEL"]
+    heads = {k: v for k, v in model["HEADS"].items() if k not in _TRAINING_ONLY_HEAD_KEYS}
+    return {"META_ARCHITECTURE": model["META_ARCHITECTURE"], "BACKBONE": model["BACKBONE"], "HEADS": heads,
+            "PIXEL_MEAN": model["PIXEL_MEAN"], "PIXEL_STD": model["PIXEL_STD"]}
+
+
 def build_torch_model(lm: LoadedManifest, cfg: dict[str, Any]) -> Any:
     """The reference PyTorch model: fast-reid Baseline with the checkpoint's (or seeded random) weights."""
     from ..fastreid.checkpoint import init_random, load_weights
@@ -48,7 +60,7 @@ def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
         weights_param: Any = {"random": {"seed": src.weights.random.seed}}
     else:
         inputs["weights"] = lm.resolve(src.weights)
-        weights_param = "checkpoint"
+        weights_param = "checkpoint"  # its sha256 is in the inputs
     out = f"{lm.model.name}.fastreid.json"
     h, w = lm.model.input.height, lm.model.input.width
 
@@ -62,13 +74,14 @@ def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
             from ..errors import CheckpointError
 
             raise CheckpointError(f"{src.weights}: the model gives non-finite features on a blank image")
-        summary = {"config": cfg, "weights": weights_param, "feature_dim": int(feat.shape[1]),
+        weights = ctx.inputs["weights"]["sha256"] if "weights" in ctx.inputs else weights_param
+        summary = {"model": model_params(cfg), "weights": weights, "feature_dim": int(feat.shape[1]),
                    "parameters": int(sum(p.numel() for p in model.parameters())),
                    "state_dict_keys": len(model.state_dict())}
         data = (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()
         return StageResult({out: data}, {"feature_dim": summary["feature_dim"], "parameters": summary["parameters"]})
 
-    stage = Stage(name=STAGE, run=run, params={"config": cfg, "weights": weights_param, "input": [h, w]},
+    stage = Stage(name=STAGE, run=run, params={"model": model_params(cfg), "weights": weights_param, "input": [h, w]},
                   inputs=inputs, outputs=(out,), tools=("torch",),
                   description="build the fast-reid model from config + checkpoint")
     return stage, ArtifactRef(STAGE, out), cfg

@@ -1,0 +1,61 @@
+"""Shared fixtures: repo paths and a tiny, fast manifest tree in a temp folder."""
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest  # noqa: F401
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+TINY_CONFIG = """\
+MODEL:
+  META_ARCHITECTURE: Baseline
+  BACKBONE:
+    NAME: build_resnet_backbone
+    DEPTH: 18x
+    LAST_STRIDE: 1
+    FEAT_DIM: 512
+    PRETRAIN: False
+  HEADS:
+    NAME: EmbeddingHead
+    POOL_LAYER: GlobalAvgPool
+    WITH_BNNECK: True
+    NECK_FEAT: before
+"""
+
+
+def tiny_manifest(root: Path, *, extra: str = "", backends: str = "[onnxruntime]", height: int = 64,
+                  width: int = 32, name: str = "tiny", images: str = "imgs/*.png", weights: str = "{random: {seed: 1}}") -> Path:
+    """A small R18 project (64x32 input, 5 images) in ``root``; returns the manifest path."""
+    write(root / "cfg" / "config.yml", TINY_CONFIG)
+    imgs = root / "imgs"
+    if not imgs.exists():
+        imgs.mkdir()
+        for i, src in enumerate(sorted((REPO / "test_data").glob("*.png"))[:5]):
+            shutil.copy(src, imgs / f"im{i}.png")
+    return write(root / "m.yml", f"""\
+        version: 1
+        name: {name}
+        source:
+          format: fastreid
+          config: cfg/config.yml
+          weights: {weights}
+        input:
+          height: {height}
+          width: {width}
+        output_dir: out
+        parity:
+          images: {images}
+          backends: {backends}
+        """ + textwrap.dedent(extra))
