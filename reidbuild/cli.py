@@ -61,7 +61,7 @@ def _load(manifest: str):
     from .stages.assemble import assemble
 
     lm = load_manifest(Path(manifest))
-    return lm, assemble(lm)
+    return lm, assemble(lm).stages
 
 
 def _emit_json(obj: Any) -> None:
@@ -119,9 +119,8 @@ def plan(manifest: str, as_json: bool, diff: bool) -> None:
              "unavailable": unavailable.get(p.stage.name), "description": p.stage.description} for p in plans]
     diffs: list[dict[str, str]] = []
     if diff:
-        from .patches.diff import plan_diffs
-
-        diffs = [{"stage": s, "patch": str(p), "diff": d} for s, p, d in plan_diffs(lm, stages)]
+        diffs = [{"stage": s.name, "patch": str(p), "diff": d}
+                 for s in stages if s.diff is not None for p, d in s.diff(lm.output_dir)]
     if as_json:
         _emit_json({"manifest": str(lm.path), "stages": rows, "diffs": diffs})
         return
@@ -133,7 +132,9 @@ def plan(manifest: str, as_json: bool, diff: bool) -> None:
     n = sum(r["stale"] for r in rows)
     click.echo(f"{n} of {len(rows)} stages would run" if n else "nothing to do: every stage is up to date")
     for d in diffs:
-        click.echo(f"\n--- {d['stage']}: {d['patch']}\n{d['diff']}")
+        click.echo(f"\n### {d['stage']}: {d['patch']}\n{d['diff']}")
+    if diff and not diffs:
+        click.echo("no graph patches in this manifest: nothing to diff")
 
 
 @main.command()

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import os
 import secrets
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Callable, Iterator
 from .errors import Busy, InputError
 
 _CHUNK = 1 << 20
+
+# reidbuild writes only its output folder and lock: keep onnxruntime (imported later, by stages and backends)
+# from writing a device id and a telemetry database under ~/.cache/Microsoft on every run
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 def sha256_file(path: Path) -> str:
@@ -77,17 +82,30 @@ def atomic_write(folder: Path, name: str, data: bytes) -> Path:
 
 
 def clean_temp_files(folder: Path) -> None:
-    """Remove temp files left by a killed run (``.NAME.tmp-PID-XXXX`` whose PID is gone)."""
+    """Remove temp files (``.NAME.tmp-PID-XXXX``) and stage scratch folders (``.tmp-work-PID-XXXX``) left
+    by a killed run (whose PID is gone). Symlinks are never followed or removed."""
     if not folder.is_dir():
         return
     for p in folder.iterdir():
-        if p.name.startswith(".") and ".tmp-" in p.name and not p.is_symlink():
-            try:
-                pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
-            except ValueError:
-                continue
-            if pid == os.getpid() or not _alive(pid):
+        pid = temp_owner(p.name)
+        if pid is None or p.is_symlink():
+            continue
+        if pid == os.getpid() or not _alive(pid):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
                 p.unlink(missing_ok=True)
+
+
+def temp_owner(name: str) -> int | None:
+    """The PID in a temp name written by ``atomic_write`` or ``StageContext.tempdir``; None otherwise."""
+    if not name.startswith(".") or ".tmp-" not in name:
+        return None
+    rest = name[len(".tmp-work-"):] if name.startswith(".tmp-work-") else name.rsplit(".tmp-", 1)[1]
+    try:
+        return int(rest.split("-")[0])
+    except ValueError:
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -122,7 +140,13 @@ def run_lock(folder: Path, wait: bool, on_wait: Callable[[str], None] | None = N
     With ``wait`` False a second run fails fast (Busy, exit 4); otherwise it waits with a message.
     """
     lock = folder / ".reidbuild.pid"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{lock}: the run lock is a symbolic link; reidbuild does not follow links in "
+                             "the output folder - remove it") from None
+        raise InputError(f"{lock}: cannot open the run lock: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

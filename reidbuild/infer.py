@@ -4,69 +4,44 @@ from __future__ import annotations
 import glob
 import io
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from . import lockfile
 from .backends.base import Runner, run_batched
-from .errors import CheckFailed, ImageError, InputError
-from .fsutil import atomic_write, ensure_dir, sha256_file
+from .errors import CheckFailed, ImageError, InputError, Unavailable
+from .fsutil import HashCache, atomic_write, ensure_dir
 from .manifest import LoadedManifest
-
-# which artifacts each backend runs, by lock stage
-_BACKEND_STAGE = {"onnxruntime": ("onnx.patch", "onnx.simplify", "onnx.export"), "caffe": ("caffe.patch", "caffe.convert"),
-                  "tensorrt": ("tensorrt.engine",), "onnx_fp16": ("precision.fp16",), "onnx_int8": ("precision.int8",)}
-
-
-def _artifacts(lm: LoadedManifest, backend: str) -> list[Path]:
-    lock = lockfile.read(lm.lock_path)
-    if lock is None:
-        raise CheckFailed(f"{lm.lock_path}: no lock; run `reidbuild apply` first")
-    for stage in _BACKEND_STAGE[backend]:
-        rec = lock.stages.get(stage)
-        if rec is None or rec.status != "ok":
-            continue
-        paths = []
-        for fname, entry in sorted(rec.outputs.items()):
-            path = lm.output_dir / fname
-            if not path.is_file() or sha256_file(path) != entry["sha256"]:
-                raise CheckFailed(f"{path}: artifact is missing or differs from the lock; run `reidbuild apply`")
-            paths.append(path)
-        return paths
-    raise InputError(f"{lm.path}: no built artifact for backend {backend}; is it a target, and did apply run?")
 
 
 def make_runner(lm: LoadedManifest, backend: str) -> Runner:
+    """A runner for ``backend`` over the committed artifacts, each checked against the lock first."""
+    from .stages.assemble import assemble
+    from .stages.load import _model_cfg, build_torch_model
+
     if backend == "torch":
         from .backends.torch import TorchRunner
-        from .stages.load import _model_cfg, build_torch_model
 
         return TorchRunner(build_torch_model(lm, _model_cfg(lm)))
-    paths = _artifacts(lm, backend)
-    if backend in ("onnxruntime", "onnx_fp16", "onnx_int8"):
-        from .backends.onnxruntime import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner(next(p for p in paths if p.suffix == ".onnx"))
-    if backend == "caffe":
-        from .backends import caffe
-
-        why = caffe.available("auto")
-        if why:
-            from .errors import Unavailable
-
-            raise Unavailable(why)
-        proto = next(p for p in paths if p.suffix == ".prototxt")
-        model = next(p for p in paths if p.suffix == ".caffemodel")
-        return caffe.CaffeRunner(proto, model, runtime="auto")
-    from .backends import tensorrt
-
-    why = tensorrt.available()
+    build = assemble(lm).backends.get(backend)
+    if build is None:
+        raise InputError(f"{lm.path}: backend {backend} is not built by this manifest (not a declared target)")
+    lock = lockfile.read(lm.lock_path)
+    if lock is None:
+        raise CheckFailed(f"{lm.lock_path}: no lock; run `reidbuild apply {lm.path.name}` first")
+    hashes = HashCache()
+    for art in build.artifacts:
+        rec = lock.stages.get(art.stage)
+        entry = rec.outputs.get(art.file) if rec is not None and rec.status == "ok" else None
+        path = lm.output_dir / art.file
+        if entry is None:
+            raise CheckFailed(f"{art.file}: not built (stage {art.stage} has not run); run `reidbuild apply`")
+        if not path.is_file() or hashes.file(path) != entry["sha256"]:
+            raise CheckFailed(f"{path}: artifact is missing or differs from the lock; run `reidbuild apply`")
+    why = build.available() if build.available else None
     if why:
-        from .errors import Unavailable
-
         raise Unavailable(why)
-    return tensorrt.TensorRTRunner(next(p for p in paths if p.suffix == ".engine"))
+    return build.factory(lambda f: lm.output_dir / f)
 
 
 def run_infer(lm: LoadedManifest, backend: str, pattern: str, out_dir: Path, batch_size: int) -> list[Path]:

@@ -6,6 +6,7 @@ ONNX or Caffe. Data flows one way: manifest -> stages -> artifacts -> lock.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
 import sys
 import tempfile
@@ -48,6 +49,8 @@ class Stage:
     available: Optional[Callable[[], Optional[str]]] = None  # returns why it cannot run here, or None
     reproducible: bool = True  # False: bytes differ run to run (TensorRT engines); --locked checks env instead
     description: str = ""
+    # for `plan --diff`: given the output folder, per change (what, readable before/after diff)
+    diff: Optional[Callable[[Path], list[tuple[Path, str]]]] = None
 
 
 class StageContext:
@@ -73,7 +76,8 @@ class StageContext:
     def tempdir(self) -> Path:
         """A scratch folder inside the output folder, removed after the run (success or failure)."""
         if "_tmp" not in self.cache:
-            self.cache["_tmp"] = Path(tempfile.mkdtemp(prefix=".tmp-work-", dir=self.output_dir))
+            # the PID in the name lets the next run remove it if this one is killed
+            self.cache["_tmp"] = Path(tempfile.mkdtemp(prefix=f".tmp-work-{os.getpid()}-", dir=self.output_dir))
         return self.cache["_tmp"]
 
 
@@ -104,6 +108,12 @@ def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def tool_drift(rec: "lockfile.StageRecord") -> str:
+    """``'onnx 1.16.0 -> 1.17.0'`` for each tool whose version here differs from the one the lock records."""
+    now = tool_versions(tuple(rec.tools))
+    return ", ".join(f"{k} {v} -> {now[k]}" for k, v in sorted(rec.tools.items()) if now[k] != v)
+
+
 def file_entry(path: Path, base: Path, hashes: HashCache) -> dict[str, Any]:
     try:
         digest = hashes.file(path)
@@ -117,13 +127,12 @@ def file_entry(path: Path, base: Path, hashes: HashCache) -> dict[str, Any]:
     return {"path": _rel(path, base), "sha256": digest, "size": size}
 
 
-def _rel(path: Path, base: Path) -> str:
+def _rel(path: Path, base: Path, follow: bool = True) -> str:
+    path = Path(path).resolve() if follow else Path(path)
     try:
-        return str(Path(path).resolve().relative_to(base.resolve()))
+        return str(path.relative_to(base.resolve()))
     except ValueError:
-        import os
-
-        return os.path.relpath(Path(path).resolve(), base.resolve())
+        return os.path.relpath(path, base.resolve())
 
 
 class Planner:
@@ -172,6 +181,8 @@ class Planner:
             reasons.append(f"upstream stage(s) {', '.join(upstream_stale)} will run first")
         elif fp != rec.fingerprint:
             reasons.extend(self._why_changed(stage, rec) or ["fingerprint changed"])
+        elif tool_drift(rec):  # the fingerprint matches, but the lock says other tools built it
+            reasons.append("tool versions changed: " + tool_drift(rec))
         for fname in stage.outputs:
             path = self.output_dir / fname
             entry = rec.outputs.get(fname)
@@ -289,7 +300,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 outcome.cached.append(stage.name)
                 emit(Event("cached", stage.name, "up to date"))
                 continue
-            if locked and (rec_old is None or rec_old.fingerprint != fp):
+            if locked and (rec_old is None or rec_old.fingerprint != fp or tool_drift(rec_old)):
                 why = "; ".join(planner.check(stage, fp, [])) or "fingerprint differs"
                 outcome.drift.append(f"{stage.name}: {why}")
                 raise CheckFailed(f"{lock_path}: --locked: stage {stage.name} differs from the lock ({why})")
@@ -326,7 +337,9 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             out_entries: dict[str, dict[str, Any]] = {}
             for fname in stage.outputs:
                 data = result.outputs[fname]
-                out_entries[fname] = {"path": _rel(output_dir / fname, base), "sha256": sha256_bytes(data),
+                # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
+                out_entries[fname] = {"path": _rel(output_dir.resolve() / fname, base, follow=False),
+                                      "sha256": sha256_bytes(data),
                                       "size": len(data)}
                 if not stage.reproducible:
                     out_entries[fname]["reproducible"] = False

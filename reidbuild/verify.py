@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from . import lockfile
-from .errors import CheckFailed
+from .errors import CheckFailed, ReidbuildError
 from .fsutil import HashCache
 from .manifest import LoadedManifest
-from .pipeline import tool_versions
+from .pipeline import Planner, tool_versions
 
 
 @dataclass
@@ -73,4 +73,31 @@ def verify_lock(lm: LoadedManifest) -> VerifyReport:
                                     (f": {env}" if env else " (built on this same TensorRT/GPU: a real change)"))
             else:
                 rep.problems.append(f"artifact {fname} differs from the lock (sha256 mismatch)")
+    rep.problems.extend(_plan_problems(lm, lock, hashes))
     return rep
+
+
+def _plan_problems(lm: LoadedManifest, lock: lockfile.Lock, hashes: HashCache) -> list[str]:
+    """The lock must describe one complete, consistent build of this manifest, not just matching files.
+
+    An interrupted apply commits stage by stage: its lock can lack later stages, or pair a new upstream
+    artifact with a downstream record built from the old one. Every file still matches its own entry then,
+    so recompute each stage's fingerprint from the lock's upstream hashes, as ``plan`` does.
+    """
+    from .stages.assemble import assemble
+
+    try:
+        plans = Planner(assemble(lm).stages, lock, lm.output_dir, lm.base, hashes).plan()
+    except ReidbuildError as exc:
+        return [f"cannot plan the build to check that the lock is complete: {exc.message.splitlines()[0]}"]
+    problems = []
+    for p in plans:
+        rec = lock.stages.get(p.stage.name)
+        if rec is None:
+            problems.append(f"stage {p.stage.name} is not in the lock (never built, or an apply was "
+                            "interrupted); run apply")
+        elif (rec.status == "ok" and p.fingerprint is not None and p.fingerprint != rec.fingerprint
+              and tool_versions(tuple(rec.tools)) == rec.tools):  # a tool change is reported above
+            problems.append(f"stage {p.stage.name} is out of date: the lock records it built from other "
+                            "inputs or upstream artifacts (an interrupted apply?); run apply")
+    return problems

@@ -5,7 +5,7 @@
 # Usage:  scripts/build_pycaffe.sh [PYTHON] [PREFIX] [--force] [--check] [--no-check]
 #   PYTHON  target interpreter           (default: <repo>/.venv/bin/python)
 #   PREFIX  build/install prefix          (default: <repo>/.cache/pycaffe)
-#   --force     ignore the stamp and rebuild from a clean source/build tree
+#   --force     ignore the stamps and rebuild from a clean source/build tree
 #   --check     on a cache hit, also run the full smoke test (incl. onnx/torch co-import)
 #   --no-check  skip the smoke test entirely
 # Env:    PYCAFFE_JOBS (default: nproc), PYCAFFE_SKIP_APT=1 (never call apt-get)
@@ -104,11 +104,26 @@ layer { name: "pool_floor" type: "Pooling" bottom: "data" top: "pool_floor"
 layer { name: "pool_default" type: "Pooling" bottom: "data" top: "pool_default"
         pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
 EOF
-  local rc=0
-  GLOG_minloglevel=2 "$PY" - "$tmp/pool.prototxt" "$1" <<'EOF' || rc=$?
+  local rc=0 order
+  for order in caffe-first others-first; do
+  [ "$1" = full ] || [ "$order" = caffe-first ] || continue
+  GLOG_minloglevel=2 "$PY" - "$tmp/pool.prototxt" "$1" "$order" <<'EOF' || rc=$?
 import sys
 import numpy as np
+others = ("onnx", "onnxruntime", "torch") if sys.argv[2] == "full" else ()
+found = []
+def import_others():
+    for m in others:
+        try:
+            __import__(m); found.append(m)
+        except ImportError:
+            print("note: %s not installed, skipped in co-import check" % m)
+if sys.argv[3] == "others-first":
+    import_others()
 import caffe
+if sys.argv[3] == "caffe-first":
+    import_others()
+print("[%s]" % sys.argv[3])
 print("caffe:", caffe.__file__, "version", caffe.__version__)
 caffe.set_mode_cpu()
 net = caffe.Net(sys.argv[1], caffe.TEST)
@@ -120,22 +135,21 @@ print("pool default(ceil)   ->", d.shape)
 assert f.shape == (1, 1, 2, 2), f.shape
 assert d.shape == (1, 1, 3, 3), d.shape
 if sys.argv[2] == "full":
-    mods = []
-    for m in ("onnx", "onnxruntime", "torch"):
-        try:
-            __import__(m); mods.append(m)
-        except ImportError:
-            print("note: %s not installed, skipped in co-import check" % m)
     import google.protobuf
     from caffe.proto import caffe_pb2
     p = caffe_pb2.NetParameter(); p.layer.add(type="Pooling").pooling_param.ceil_mode = False
     assert caffe_pb2.NetParameter.FromString(p.SerializeToString()).layer[0].pooling_param.ceil_mode is False
-    if "onnx" in mods:
+    if "onnx" in found:
         import onnx
         onnx.ModelProto.FromString(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])).SerializeToString())
-    print("co-import OK with", mods, "protobuf", google.protobuf.__version__)
+    if "torch" in found:
+        import torch
+        t = torch.nn.functional.max_pool2d(torch.from_numpy(net.blobs["data"].data.copy()), 3, 2, 1)
+        assert np.allclose(t.numpy(), f), (t, f)
+    print("co-import OK with", found, "protobuf", google.protobuf.__version__)
 print("SMOKE TEST OK")
 EOF
+  done
   rm -rf "$tmp"
   [ "$rc" = 0 ] || printf '[build_pycaffe] ERROR: smoke test failed (exit %s)\n' "$rc" >&2
   return "$rc"
@@ -169,7 +183,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   [ "${PYCAFFE_SKIP_APT:-0}" = 1 ] && die "missing Debian packages: ${missing[*]} (PYCAFFE_SKIP_APT=1)"
   SUDO=(); [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null || die "need root or sudo to install: ${missing[*]}"; SUDO=(sudo); }
   log "installing Debian packages: ${missing[*]}"
-  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   log "Debian packages already installed"
@@ -192,10 +206,15 @@ if ! { [ -f "$TARBALL" ] && echo "$SDIST_SHA256  $TARBALL" | sha256sum -c --quie
 fi
 log "sdist: $TARBALL (sha256 ok)"
 
-# ---- source tree (extracted + patched; reused while KEY matches, so an
-#      interrupted build resumes instead of starting over) ---------------------------
+# ---- source tree: extracted + patched. It and the build dir are reused while
+#      SRC_KEY (sdist, python, numpy, text of the patch block below) matches, so an
+#      interrupted build resumes and script edits outside the patch block only cost
+#      an incremental make (cmake itself rebuilds/relinks on changed flags). ---------
 SRC="$PREFIX/src"; BUILD="$PREFIX/build"; BLOG="$PREFIX/build.log"
-if [ "$FORCE" = 1 ] || [ ! -f "$SRC/.key" ] || [ "$(cat "$SRC/.key")" != "$KEY" ]; then
+PATCH_SHA="$(sed -n '/^# >>> patches/,/^# <<< patches/p' "$SCRIPT_PATH" | sha256sum | cut -d' ' -f1)"
+SRC_KEY="$SDIST_NAME==$SDIST_VERSION patches=$PATCH_SHA python=$PYVER numpy=$NPMAJ"
+# >>> patches
+if [ "$FORCE" = 1 ] || [ ! -f "$SRC/.key" ] || [ "$(cat "$SRC/.key")" != "$SRC_KEY" ]; then
   log "extracting + patching source into $SRC (clean build dir)"
   rm -rf "$SRC" "$BUILD"
   mkdir -p "$SRC"
@@ -246,8 +265,11 @@ except ImportError:
 '''
 p.write_text(t.replace(old, new, 1))
 EOF
-  printf '%s\n' "$KEY" > "$SRC/.key"
+  printf '%s\n' "$SRC_KEY" > "$SRC/.key"
+else
+  log "reusing patched source $SRC and build dir $BUILD (incremental)"
 fi
+# <<< patches
 
 # ---- configure + build ------------------------------------------------------------
 mkdir -p "$BUILD"
@@ -260,13 +282,13 @@ log "configuring (cmake) in $BUILD; full log: $BLOG"
     -DCMAKE_BUILD_TYPE=Release \
     -DCPU_ONLY=ON -DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF -DUSE_LMDB=OFF -DUSE_CUDNN=OFF -DUSE_NCCL=OFF \
     -DBUILD_python=ON -DBUILD_python_layer=OFF -DBUILD_docs=OFF \
-    -DANACONDA_HOME="$PREFIX/no-anaconda" \
+    -DANACONDA_HOME="$PREFIX/no-anaconda" -DCMAKE_SKIP_RPATH=ON \
     -DCMAKE_CXX_FLAGS="$CXXFLAGS_EXTRA" \
     -DCMAKE_SHARED_LINKER_FLAGS="$LDFLAGS_EXTRA" \
     -DCMAKE_MODULE_LINKER_FLAGS="$LDFLAGS_EXTRA"
 } >>"$BLOG" 2>&1 || { tail -n 40 "$BLOG" >&2; die "cmake configure failed (see $BLOG)"; }
 
-log "compiling with make -j$JOBS (progress below; ~14 CPU-minutes from scratch)"
+log "compiling with make -j$JOBS (progress below; from scratch ~3 min wall / ~5 CPU-min on a 2-core box)"
 t0=$SECONDS
 set +e
 echo "=== $(date -Is) make -j$JOBS pycaffe" >>"$BLOG"
@@ -288,6 +310,11 @@ SO="$BUILD/lib/_caffe.so"
 PB2="$BUILD/include/caffe/proto/caffe_pb2.py"
 [ -f "$PB2" ] || die "generated caffe_pb2.py not found at $PB2"
 if ldd "$SO" | grep -q 'not found'; then ldd "$SO" >&2; die "_caffe.so has unresolved libraries"; fi
+RUNPATH="$(readelf -d "$SO" | sed -n 's/.*R\(UN\)\{0,1\}PATH.*\[\(.*\)\]/\2/p')"
+case ":$RUNPATH:" in
+  *::*|*"$BUILD"*|*"$SRC"*) die "_caffe.so has an unexpected RUNPATH '$RUNPATH'" ;;
+esac
+log "_caffe.so RUNPATH: ${RUNPATH:-<none>}"
 
 NEW="$PREFIX/python.new"
 rm -rf "$NEW"; mkdir -p "$NEW"

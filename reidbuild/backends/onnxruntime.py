@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -19,21 +19,13 @@ def session_options() -> Any:
     return so
 
 
-def adapt_input(batch: np.ndarray, elem_type: str, shape: list[Any]) -> np.ndarray:
-    """Feed float RGB NCHW 0..255 to a graph whose input a patch changed to uint8 BGR NHWC."""
-    if elem_type == "tensor(uint8)":
-        if len(shape) == 4 and shape[-1] == 3:
-            return np.ascontiguousarray(np.clip(np.rint(batch[:, ::-1].transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8))
-        return np.clip(np.rint(batch), 0, 255).astype(np.uint8)
-    if elem_type == "tensor(float16)":
-        return batch.astype(np.float16)
-    return np.ascontiguousarray(batch, dtype=np.float32)
-
-
 class OnnxRuntimeRunner:
+    """Runs an ONNX file; ``adapt`` turns the standard float32 NCHW batch into what the graph takes
+    (e.g. uint8 BGR NHWC after a graph patch changed the input)."""
+
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, model_path: Path, adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
         import onnxruntime as ort
 
         try:
@@ -42,13 +34,13 @@ class OnnxRuntimeRunner:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise StageFailed(f"{model_path}: onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
         self.path = Path(model_path)
-        inp = self.session.get_inputs()[0]
-        self.input_name, self.input_type, self.input_shape = inp.name, inp.type, list(inp.shape)
+        self.adapt = adapt or (lambda b: np.ascontiguousarray(b, dtype=np.float32))
+        self.input_name = self.session.get_inputs()[0].name
         outs = self.session.get_outputs()
         self.output_name = next((o.name for o in outs if o.name == "output"), outs[0].name)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        feed = {self.input_name: adapt_input(batch, self.input_type, self.input_shape)}
+        feed = {self.input_name: self.adapt(batch)}
         try:
             (out,) = self.session.run([self.output_name], feed)
         except Exception as exc:
@@ -59,3 +51,14 @@ class OnnxRuntimeRunner:
         import onnxruntime as ort
 
         return {"runtime": "onnxruntime", "version": ort.__version__, "device": "cpu"}
+
+
+def adapt_input(batch: np.ndarray, elem_type: str, shape: list[Any]) -> np.ndarray:
+    """Feed a float32 RGB NCHW 0..255 batch to a graph by its declared input type (uint8 NHWC: BGR bytes)."""
+    if elem_type == "tensor(uint8)":
+        if len(shape) == 4 and shape[-1] == 3:
+            return np.ascontiguousarray(np.clip(np.rint(batch[:, ::-1].transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8))
+        return np.clip(np.rint(batch), 0, 255).astype(np.uint8)
+    if elem_type == "tensor(float16)":
+        return batch.astype(np.float16)
+    return np.ascontiguousarray(batch, dtype=np.float32)

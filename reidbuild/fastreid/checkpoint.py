@@ -34,6 +34,8 @@ _COUNTER_SUFFIX = "num_batches_tracked"
 _PIXEL_BUFFERS = ("pixel_mean", "pixel_std")
 
 _SHOWN = 6  # keys listed per category in an error message
+_ATTENTION_GAIN = 0.1  # Non-local g/theta/phi weight scale vs He init: their product is cubic in the input
+_DAMPED_BN = (0.05, 0.2)  # weight range of the norm ending a residual branch (limits growth with depth)
 
 
 def is_training_only(key: str) -> bool:
@@ -230,7 +232,7 @@ def init_random(model: nn.Module, seed: int) -> None:
                 if full in _PIXEL_BUFFERS:
                     continue
                 gen = torch.Generator().manual_seed(_derived_seed(seed, full))
-                gain = 0.3 if prefix in attention_projections else 1.0
+                gain = _ATTENTION_GAIN if prefix in attention_projections else 1.0
                 tensor.copy_(_random_value(module, name, tensor, gen, damped=prefix in residual_ends, gain=gain))
 
 
@@ -253,7 +255,7 @@ def _random_value(module: nn.Module, name: str, tensor: torch.Tensor, gen: torch
         return torch.zeros_like(tensor)  # BN step counters: irrelevant at inference
     if isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d)):
         if name == "weight":
-            return _uniform(tensor, 0.1, 0.3, gen) if damped else _uniform(tensor, 0.6, 1.2, gen)
+            return _uniform(tensor, *_DAMPED_BN, gen) if damped else _uniform(tensor, 0.6, 1.2, gen)
         if name == "bias":
             return _uniform(tensor, -0.1, 0.1, gen)
         if name == "running_mean":

@@ -434,7 +434,7 @@ def _coerce(value: Any, default: Any, dotted: str, where: str) -> Any:
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     raise ConfigError(
-        f"{where}: {dotted} must be of type {type(default).__name__} (fast-reid's default is {default!r}), "
+        f"{where}: {dotted} must be of type {type(default).__name__} like the value it replaces ({default!r}), "
         f"got {type(value).__name__} {value!r}"
     )
 

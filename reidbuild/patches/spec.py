@@ -22,8 +22,25 @@ OUTPUT_TRANSFORMS = ("l2_normalize",)
 INPUT_LAYOUTS = ("uint8_bgr_nhwc",)
 DEFAULT_INPUT_LAYOUT = "float32_nchw"  # what backends feed when no patch changes the input
 
-_Scalar = Union[bool, int, float, str]
-_Value = Union[_Scalar, list[_Scalar], list[list[_Scalar]], dict[str, Any]]
+
+
+def _check_value(v: Any, depth: int = 0) -> Any:
+    """A field/attribute value: scalars, lists and (Caffe messages) mappings; no nulls."""
+    if v is None:
+        raise ValueError("value is null; to delete a field use remove_field")
+    if depth > 10:
+        raise ValueError("value is nested too deeply")
+    if isinstance(v, list):
+        for x in v:
+            _check_value(x, depth + 1)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise ValueError(f"mapping keys must be field names, got {k!r}")
+            _check_value(x, depth + 1)
+    elif not isinstance(v, (bool, int, float, str)):
+        raise ValueError(f"unsupported value {v!r}")
+    return v
 
 
 class _Strict(BaseModel):
@@ -122,7 +139,19 @@ class SetField(_Op):
     op: Literal["set_field"]
     select: Selector
     field: str
-    value: _Value
+    value: Any = Field(description="Number, string, boolean, list, or (Caffe message field) a mapping.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _value_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "value" not in data:
+            raise ValueError("set_field needs a value (to delete a field use remove_field)")
+        return data
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: Any) -> Any:
+        return _check_value(v)
 
 
 class NewNode(_Strict):
@@ -131,7 +160,7 @@ class NewNode(_Strict):
     type: str = Field(description="ONNX op_type or Caffe layer type.")
     name: str
     output: Optional[str] = Field(None, description="Name of the new tensor/blob (default: the node name).")
-    attributes: dict[str, _Value] = Field(default_factory=dict, description="ONNX attributes.")
+    attributes: dict[str, Any] = Field(default_factory=dict, description="ONNX attributes.")
     domain: str = Field("", description="ONNX operator domain (default: the standard one).")
     params: dict[str, Any] = Field(default_factory=dict, description="Caffe layer parameters, e.g. pooling_param.")
 
@@ -139,6 +168,11 @@ class NewNode(_Strict):
     @classmethod
     def _names(cls, v: Optional[str]) -> Optional[str]:
         return v if v is None else _plain_name(v, "name")
+
+    @field_validator("attributes", "params")
+    @classmethod
+    def _values(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_value(v)
 
 
 class InsertNode(_Op):
@@ -154,8 +188,15 @@ class InsertNode(_Op):
 
 class SetBatch(_Op):
     op: Literal["set_batch"]
-    size: Union[Literal["dynamic"], Annotated[int, Field(ge=1, le=65536)]]
+    size: Union[int, str] = Field(description="A batch size (1..65536) or 'dynamic'.")
     dim_param: str = Field("batch", description="Name of the symbolic batch dimension (size: dynamic).")
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if v == "dynamic" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536):
+            return v
+        raise ValueError(f"size must be a batch size from 1 to 65536 or 'dynamic', got {v!r}")
 
 
 class L2NormalizeOutput(_Op):

@@ -1,19 +1,43 @@
-"""Turn a validated manifest into the ordered list of stages (the plan's skeleton).
+"""Turn a validated manifest into the ordered list of stages (the plan's skeleton) and the backend runners.
 
 load -> onnx.export -> onnx.simplify -> onnx.patch -> [caffe.convert -> caffe.patch]
      -> [precision.fp16|int8 -> parity.onnx_<mode>] -> [tensorrt.engine] -> parity.<backend>...
+
+The same runner factories serve parity (inside a run) and ``infer`` (on committed artifacts), so both
+feed each backend exactly the same way.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from ..backends.base import Runner
 from ..manifest import LoadedManifest
-from ..pipeline import Stage, StageContext
+from ..pipeline import Stage
 from . import ArtifactRef
 from .load import load_stage
 from .onnx import export_stage, simplify_stage
 from .parity import ParityCheck, fp32_profile, parity_stage
+
+# a runner factory gets a resolver from artifact file name to path
+RunnerFactory = Callable[[Callable[[str], Path]], Runner]
+
+
+@dataclass
+class BackendBuild:
+    """How to run one built backend: the artifacts it needs and a factory for its runner."""
+
+    artifacts: list[ArtifactRef]
+    factory: RunnerFactory
+    available: Optional[Callable[[], Optional[str]]] = None
+    output_transforms: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Assembly:
+    stages: list[Stage]
+    backends: dict[str, BackendBuild]  # onnxruntime, caffe, onnx_fp16, onnx_int8, tensorrt
 
 
 def _patch_files(lm: LoadedManifest, rels: list[str], key: str) -> list[Path]:
@@ -29,12 +53,21 @@ def _patch_files(lm: LoadedManifest, rels: list[str], key: str) -> list[Path]:
     return paths
 
 
-def assemble(lm: LoadedManifest) -> list[Stage]:
+def _ort_factory(art: ArtifactRef, layout: str, color: str) -> RunnerFactory:
+    def make(resolve: Callable[[str], Path]) -> Runner:
+        from ..backends.onnxruntime import OnnxRuntimeRunner
+        from ..patches import adapt_input
+
+        return OnnxRuntimeRunner(resolve(art.file), adapt=lambda b: adapt_input(layout, b, color))
+    return make
+
+
+def assemble(lm: LoadedManifest) -> Assembly:
     m = lm.model
     name = m.name
     h, w = m.input.height, m.input.width
     stages: list[Stage] = []
-    checks: list[ParityCheck] = []
+    backends: dict[str, BackendBuild] = {}
 
     load, load_ref, cfg = load_stage(lm)
     stages.append(load)
@@ -52,8 +85,9 @@ def assemble(lm: LoadedManifest) -> list[Stage]:
         stages.append(st)
     graph_ref = ref  # the single source for Caffe: simplified, before ONNX-only patches
     onnx_transforms: list[str] = []
+    layout = "float32_nchw"
     if onnx_patches:
-        from ..patches import output_transforms
+        from ..patches import input_layout, output_transforms
         from .patch import patch_stage
 
         st = patch_stage("onnx", onnx_patches, [ref], [files["patch"]], name, dialect=None,
@@ -61,23 +95,13 @@ def assemble(lm: LoadedManifest) -> list[Stage]:
         stages.append(st)
         ref = ArtifactRef(st.name, files["patch"])
         onnx_transforms = output_transforms(onnx_patches)
+        layout = input_layout(onnx_patches)
     final_onnx = ref
-
-    parity = m.parity
-    wanted = set(parity.backends) if parity else set()
-
-    def ort_runner(art: ArtifactRef):
-        def make(ctx: StageContext):
-            from ..backends.onnxruntime import OnnxRuntimeRunner
-
-            return OnnxRuntimeRunner(ctx.artifact(art.file))
-        return make
-
-    if "onnxruntime" in wanted:
-        checks.append(ParityCheck("onnxruntime", [final_onnx], ort_runner(final_onnx), fp32_profile(lm),
-                                  output_transforms=onnx_transforms))
+    backends["onnxruntime"] = BackendBuild([final_onnx], _ort_factory(final_onnx, layout, m.input.color),
+                                           output_transforms=onnx_transforms)
 
     if m.targets.caffe is not None:
+        from ..backends import caffe as caffe_backend
         from .caffe import caffe_stage
 
         ct = m.targets.caffe
@@ -95,19 +119,24 @@ def assemble(lm: LoadedManifest) -> list[Stage]:
             stages.append(st)
             proto_ref, model_ref = ArtifactRef(st.name, out[0]), ArtifactRef(st.name, out[1])
             caffe_transforms = output_transforms(caffe_patches)
-        if "caffe" in wanted:
-            from ..backends import caffe as caffe_backend
 
-            def caffe_runner(ctx: StageContext, p=proto_ref, c=model_ref):
-                return caffe_backend.CaffeRunner(ctx.artifact(p.file), ctx.artifact(c.file), runtime="auto")
+        def caffe_runner(resolve: Callable[[str], Path], p=proto_ref, c=model_ref) -> Runner:
+            return caffe_backend.CaffeRunner(resolve(p.file), resolve(c.file), runtime="auto")
 
-            checks.append(ParityCheck("caffe", [proto_ref, model_ref], caffe_runner, fp32_profile(lm),
-                                      available=lambda: caffe_backend.available("auto"),
-                                      output_transforms=caffe_transforms))
+        backends["caffe"] = BackendBuild([proto_ref, model_ref], caffe_runner,
+                                         available=lambda: caffe_backend.available("auto"),
+                                         output_transforms=caffe_transforms)
 
+    parity = m.parity
     images: Optional[list[Path]] = lm.images("parity", "images") if parity else None
-    precision_checks: list[ParityCheck] = []
+
+    def check(name_: str, profile: dict) -> ParityCheck:
+        b = backends[name_]
+        return ParityCheck(name_, b.artifacts, lambda ctx, f=b.factory: f(ctx.artifact), profile,
+                           available=b.available, output_transforms=b.output_transforms)
+
     if m.targets.tensorrt is not None:
+        from ..backends import tensorrt as trt_backend
         from ..precision.profiles import default_tolerance
         from .precision import precision_stage
         from .tensorrt import engine_stage
@@ -119,26 +148,29 @@ def assemble(lm: LoadedManifest) -> list[Stage]:
         if made is not None:
             st, engine_src = made
             stages.append(st)
-            check = f"onnx_{tt.mode}"
-            precision_checks.append(ParityCheck(check, [engine_src], ort_runner(engine_src),
-                                                default_tolerance(check), output_transforms=onnx_transforms))
+            key = f"onnx_{tt.mode}"
+            backends[key] = BackendBuild([engine_src], _ort_factory(engine_src, layout, m.input.color),
+                                         output_transforms=onnx_transforms)
+            # the reduced-precision ONNX is proven on the CPU before any engine is built
+            if images is not None:
+                stages.append(parity_stage(lm, cfg, load_ref, check(key, default_tolerance(key)), images))
         engine = engine_stage(tt, engine_src, name)
-        if "tensorrt" in wanted:
-            from ..backends import tensorrt as trt_backend
-
-            engine_file = engine.outputs[0]
-
-            def trt_runner(ctx: StageContext, f=engine_file):
-                return trt_backend.TensorRTRunner(ctx.artifact(f))
-
-            profile = fp32_profile(lm) if tt.mode == "fp32" else default_tolerance(f"onnx_{tt.mode}")
-            checks.append(ParityCheck("tensorrt", [ArtifactRef(engine.name, engine_file)], trt_runner, profile,
-                                      available=trt_backend.available, output_transforms=onnx_transforms))
-        # precision ONNX is proven on the CPU before any engine is built
-        if parity and images is not None:
-            stages.extend(parity_stage(lm, cfg, load_ref, c, images) for c in precision_checks)
         stages.append(engine)
+        engine_ref = ArtifactRef(engine.name, next(f for f in engine.outputs if f.endswith(".engine")))
 
-    if parity and images is not None:
-        stages.extend(parity_stage(lm, cfg, load_ref, c, images) for c in checks)
-    return stages
+        def trt_runner(resolve: Callable[[str], Path], f=engine_ref.file) -> Runner:
+            return trt_backend.TensorRTRunner(resolve(f))
+
+        backends["tensorrt"] = BackendBuild([engine_ref], trt_runner, available=trt_backend.available,
+                                            output_transforms=onnx_transforms)
+
+    if parity is not None and images is not None:
+        for b in parity.backends:
+            if b == "tensorrt" and m.targets.tensorrt is not None and m.targets.tensorrt.mode != "fp32":
+                from ..precision.profiles import default_tolerance
+
+                profile = default_tolerance(f"onnx_{m.targets.tensorrt.mode}")
+            else:
+                profile = fp32_profile(lm)
+            stages.append(parity_stage(lm, cfg, load_ref, check(b, profile), images))
+    return Assembly(stages, backends)

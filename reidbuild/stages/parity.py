@@ -48,13 +48,11 @@ def fp32_profile(lm: LoadedManifest) -> dict[str, Any]:
 
 def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
     """Apply to the reference what graph patches declared they do to the output (e.g. l2_normalize)."""
+    from ..patches import apply_output_transform
+
     for t in transforms:
-        if t == "l2_normalize":
-            norm = np.linalg.norm(features, axis=1, keepdims=True)
-            features = features / np.maximum(norm, 1e-12)
-        else:  # validated by the patch loader; reaching here is a programming error
-            raise ValueError(f"unknown output transform {t!r}")
-    return features.astype(np.float32)
+        features = apply_output_transform(t, features)
+    return np.asarray(features, dtype=np.float32)
 
 
 def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, check: ParityCheck,

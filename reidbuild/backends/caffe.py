@@ -1,0 +1,192 @@
+"""Caffe runners: pycaffe (the reference) and OpenCV's Caffe importer (no build needed, a second opinion).
+
+Both load a ``.prototxt`` + ``.caffemodel`` whose input blob is ``input`` [N, 3, H, W] and whose output blob
+is ``output``. ``runtime="auto"`` prefers pycaffe. OpenCV fuses layers (BatchNorm/Scale into convolutions,
+...), so its features differ from pycaffe's by float rounding (~1e-5), never by structure.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import StageFailed, Unavailable
+
+RUNTIMES = ("auto", "pycaffe", "opencv")
+
+_HOW = {"pycaffe": "pycaffe is not built: run `make pycaffe` (scripts/build_pycaffe.sh builds a CPU Caffe into "
+                   ".cache/pycaffe and makes `import caffe` work in .venv)",
+        "opencv": "OpenCV's Caffe importer is not installed: pip install 'opencv-python-headless<5'"}
+
+
+def _quiet_glog() -> None:
+    # glog reads this once, when libcaffe is loaded: must precede `import caffe`
+    os.environ.setdefault("GLOG_minloglevel", "2")
+
+
+def _import_caffe() -> Any:
+    _quiet_glog()
+    import caffe  # type: ignore[import-not-found]
+
+    return caffe
+
+
+def available(runtime: str = "auto") -> Optional[str]:
+    """None when ``runtime`` can run here, else one line saying why not and how to install it."""
+    if runtime not in RUNTIMES:
+        return f"unknown Caffe runtime {runtime!r} (expected one of {', '.join(RUNTIMES)})"
+    if runtime == "auto":
+        why_py, why_cv = available("pycaffe"), available("opencv")
+        if why_py is None or why_cv is None:
+            return None
+        return f"no Caffe runtime: {why_py}; or {why_cv}"
+    if runtime == "pycaffe":
+        try:
+            caffe = _import_caffe()
+            caffe.Net  # noqa: B018  (a half-installed package has no Net)
+        except Exception:
+            return _HOW["pycaffe"]
+        return None
+    try:
+        import cv2  # type: ignore[import-not-found]
+    except Exception:
+        return _HOW["opencv"]
+    major = int(str(cv2.__version__).split(".")[0])
+    if major >= 5 or not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
+        return f"OpenCV {cv2.__version__} has no Caffe importer: pip install 'opencv-python-headless<5'"
+    return None
+
+
+def resolve_runtime(runtime: str = "auto") -> str:
+    """The concrete runtime ``runtime`` stands for here (auto: pycaffe if built, else OpenCV)."""
+    why = available(runtime)
+    if why is not None:
+        raise Unavailable(why)
+    if runtime != "auto":
+        return runtime
+    return "pycaffe" if available("pycaffe") is None else "opencv"
+
+
+_INPUT_DIMS = re.compile(r'input_param\s*\{\s*shape\s*\{((?:\s*dim:\s*\d+)+)\s*\}', re.S)
+
+
+def _net_facts(prototxt: Path) -> tuple[tuple[int, ...], str, bool]:
+    """(input shape, name of the layer producing ``output``, whether every Reshape copies the batch)."""
+    from ..caffe import schema
+
+    text = prototxt.read_text()
+    msg = None
+    for dialect in ("ceil_mode", "bvlc"):  # ceil_mode's schema is a superset of bvlc's
+        try:
+            msg = schema.parse_prototxt(text, dialect)
+            break
+        except Exception:
+            continue
+    if msg is None:  # a net using fields reidbuild does not write: read what is needed by pattern
+        m = _INPUT_DIMS.search(text)
+        if m is None:
+            raise StageFailed(f"{prototxt.name}: no Input layer with a shape found")
+        shape = tuple(int(d) for d in re.findall(r"\d+", m.group(1)))
+        return shape, "", False
+    shape: tuple[int, ...] = ()
+    out_layer = ""
+    agnostic = True
+    for layer in msg.layer:
+        if layer.type == "Input" and "input" in layer.top:
+            shape = tuple(layer.input_param.shape[0].dim)
+        if "output" in layer.top:
+            out_layer = layer.name
+        if layer.type == "Reshape":
+            dims = list(layer.reshape_param.shape.dim)
+            if not dims or dims[0] != 0 or layer.reshape_param.axis != 0:
+                agnostic = False
+    if not shape:
+        if list(msg.input) == ["input"] and msg.input_shape:
+            shape = tuple(msg.input_shape[0].dim)
+        else:
+            raise StageFailed(f"{prototxt.name}: no Input layer with top 'input'")
+    if not out_layer:
+        raise StageFailed(f"{prototxt.name}: no layer produces the blob 'output'")
+    return shape, out_layer, agnostic
+
+
+class CaffeRunner:
+    """Runs a Caffe net with pycaffe or OpenCV; ``infer`` takes float32 [N, 3, H, W] RGB 0..255."""
+
+    name = "caffe"
+
+    def __init__(self, prototxt: Path, caffemodel: Path, runtime: str = "auto") -> None:
+        self.prototxt, self.caffemodel = Path(prototxt), Path(caffemodel)
+        self.runtime = resolve_runtime(runtime)
+        for p in (self.prototxt, self.caffemodel):
+            if not p.is_file():
+                raise StageFailed(f"{p}: Caffe artifact not found")
+        self.input_shape, self.output_layer, self.batch_agnostic = _net_facts(self.prototxt)
+        if len(self.input_shape) != 4:
+            raise StageFailed(f"{self.prototxt.name}: input shape {list(self.input_shape)} is not [N, C, H, W]")
+        self._cv_batch = self.input_shape[0]
+        if self.runtime == "pycaffe":
+            caffe = _import_caffe()
+            caffe.set_mode_cpu()
+            self.version = str(getattr(caffe, "__version__", "unknown"))
+            self.net = caffe.Net(str(self.prototxt), str(self.caffemodel), caffe.TEST)
+        else:
+            import cv2
+
+            self.version = str(cv2.__version__)
+            try:
+                self.net = cv2.dnn.readNetFromCaffe(str(self.prototxt), str(self.caffemodel))
+            except cv2.error as exc:
+                raise StageFailed(f"{self.prototxt.name}: OpenCV cannot read the Caffe net: "
+                                  f"{_cv_message(exc)}") from None
+            self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+            self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        if self.runtime == "pycaffe":
+            blob = self.net.blobs["input"]
+            if tuple(blob.data.shape) != x.shape:
+                blob.reshape(*x.shape)
+                self.net.reshape()
+            blob.data[...] = x
+            self.net.forward()
+            return np.array(self.net.blobs["output"].data, dtype=np.float32, copy=True)
+        import cv2
+
+        self.net.setInput(x)
+        try:
+            out = self.net.forward(self.output_layer) if self.output_layer else self.net.forward()
+        except cv2.error as exc:
+            raise StageFailed(f"{self.prototxt.name}: OpenCV failed to run the net: {_cv_message(exc)}") from None
+        return np.asarray(out, dtype=np.float32)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != self.input_shape[1:]:
+            raise StageFailed(f"{self.prototxt.name}: expects [N, {', '.join(map(str, self.input_shape[1:]))}] "
+                              f"input, got {list(x.shape)}")
+        n = len(x)
+        if self.batch_agnostic or n == self.input_shape[0]:
+            return self._forward(x).reshape(n, -1)
+        # the net's reshapes are written for its own batch: run it at that batch, padding the last chunk
+        size = self.input_shape[0]
+        outs = []
+        for i in range(0, n, size):
+            chunk = x[i : i + size]
+            pad = size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
+            outs.append(self._forward(chunk).reshape(size, -1)[: size - pad])
+        return np.concatenate(outs)
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "version": self.version, "device": "cpu",
+                "backend": "pycaffe (Caffe CPU)" if self.runtime == "pycaffe" else "OpenCV dnn Caffe importer"}
+
+
+def _cv_message(exc: Exception) -> str:
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,44 @@
+"""Caffe stage: convert the simplified ONNX into ``<name>.prototxt`` + ``<name>.caffemodel``.
+
+Conversion needs no Caffe installation (reidbuild owns the Caffe schema); running the result is the parity
+stage's business, through ``reidbuild.backends.caffe``.
+"""
+from __future__ import annotations
+
+from ..caffe.convert import CONVERTER_VERSION, convert_detailed
+from ..errors import StageFailed
+from ..manifest import CaffeTarget
+from ..pipeline import Stage, StageContext, StageResult
+from . import ArtifactRef
+
+
+def caffe_stage(target: CaffeTarget, input_hw: tuple[int, int], source: ArtifactRef,
+                name: str) -> tuple[Stage, ArtifactRef, ArtifactRef]:
+    """The ``caffe.convert`` stage reading ``source`` (simplified ONNX); returns (stage, prototxt, caffemodel)."""
+    h, w = int(input_hw[0]), int(input_hw[1])
+    proto_file, model_file = f"{name}.prototxt", f"{name}.caffemodel"
+    shape = (target.batch_size, 3, h, w)
+
+    def run(ctx: StageContext) -> StageResult:
+        import onnx
+
+        path = ctx.artifact(source.file)
+        try:
+            model = onnx.load_from_string(path.read_bytes())
+        except FileNotFoundError:
+            raise StageFailed(f"{source.file}: the ONNX artifact is missing (stage {source.stage})") from None
+        except Exception as exc:
+            raise StageFailed(f"{source.file}: not a readable ONNX model: {str(exc).splitlines()[0]}") from None
+        ctx.log(f"converting {source.file} to Caffe ({target.dialect} dialect, input {list(shape)})")
+        conv = convert_detailed(model, target.dialect, shape, name=name)
+        record = {"dialect": target.dialect, "converter": CONVERTER_VERSION, "layers": conv.layer_count,
+                  "layer_types": conv.layer_types, "input_shape": list(conv.input_shape),
+                  "output_shape": list(conv.output_shape)}
+        return StageResult({proto_file: conv.prototxt.encode("utf-8"), model_file: conv.caffemodel}, record)
+
+    stage = Stage("caffe.convert", run,
+                  params={"dialect": target.dialect, "batch_size": target.batch_size, "input": [h, w],
+                          "converter": CONVERTER_VERSION},
+                  deps=(source.stage,), outputs=(proto_file, model_file), tools=("onnx", "protobuf"),
+                  description=f"convert the ONNX model to Caffe ({target.dialect} dialect)")
+    return stage, ArtifactRef(stage.name, proto_file), ArtifactRef(stage.name, model_file)
