@@ -32,6 +32,17 @@ def check_plain_name(value: str, what: str = "name") -> str:
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: Any) -> Any:
+        """YAML's true/yes/on are booleans; pydantic would quietly take them as 1 for a number."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+_NUMBERS = (int, float, Optional[int], Optional[float])
+
 
 class RandomWeights(_Strict):
     seed: int = Field(ge=0, description="Seed for deterministic random weights (demo and tests).")
@@ -238,19 +249,13 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: ty
     """One line for the first error: ``file:line:col: field.path: what was expected`` (+ count of others)."""
     errors = exc.errors(include_url=False)
     first = errors[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
-    # pydantic adds union member names ('str', 'RandomSource') to loc: keep only real data keys
-    data_loc: list[Any] = []
-    node: Any = doc.data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            data_loc.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            data_loc.append(part)
-            node = node[part]
-        elif first["type"] == "missing" and part == loc[-1]:
-            data_loc.append(part)
+    data_loc = _data_loc(doc, first)
+    # a union ({random: {seed: N}} or a path) fails once per member: report the member that matched the data
+    # deepest (the bad seed), not the first member tried ("should be a valid string")
+    for other in errors[1:]:
+        deeper = _data_loc(doc, other)
+        if len(deeper) > len(data_loc) and deeper[: len(data_loc)] == data_loc and first["type"] != "missing":
+            first, data_loc = other, deeper
     field = ".".join(str(p) for p in data_loc) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
@@ -267,6 +272,23 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: ty
     more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     where = doc.where(tuple(data_loc[:-1]) if first["type"] == "missing" else tuple(data_loc))
     return f"{where}: {field}: {msg}{more}"
+
+
+def _data_loc(doc: yamlio.Document, error: Any) -> list[Any]:
+    """The error's location as keys of the user's data (pydantic adds union member names like 'str')."""
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
+    data_loc: list[Any] = []
+    node: Any = doc.data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            data_loc.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            data_loc.append(part)
+            node = node[part]
+        elif error["type"] == "missing" and part == loc[-1]:
+            data_loc.append(part)
+    return data_loc
 
 
 def load_manifest(path: Path) -> LoadedManifest:

@@ -16,6 +16,7 @@ from .errors import InputError
 
 MAX_BYTES = 1 << 20  # 1 MiB: manifests and patches are small; anything bigger is a mistake or an attack
 MAX_NODES = 100_000  # bound on the expanded document, which stops alias ("billion laughs") bombs
+MAX_DEPTH = 100  # nesting bound; PyYAML's composer recurses, so deeper input is refused before composing
 
 Loc = tuple[int, int]  # 1-based line, column
 PathKey = tuple[Any, ...]
@@ -53,8 +54,8 @@ class _Builder:
         self.count += 1
         if self.count > MAX_NODES:
             raise self._fail(node, f"document expands to more than {MAX_NODES} values (alias bomb?)")
-        if self.depth > 100:
-            raise self._fail(node, "nesting deeper than 100 levels")
+        if self.depth > MAX_DEPTH:
+            raise self._fail(node, f"nesting deeper than {MAX_DEPTH} levels")
         self.positions.setdefault(at, (node.start_mark.line + 1, node.start_mark.column + 1))
         self.depth += 1
         try:
@@ -110,6 +111,7 @@ def load(path: Path, what: str = "file") -> Document:
     """Parse one YAML document safely; errors name ``file:line:column``."""
     text = read_text(path, what)
     try:
+        _check_depth(text, path)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -122,3 +124,22 @@ def load(path: Path, what: str = "file") -> Document:
     builder = _Builder(path)
     data = builder.build(node, ())
     return Document(path, data, builder.positions)
+
+
+def _check_depth(text: str, path: Path) -> None:
+    """Refuse deep nesting and huge documents from the (iterative, streaming) event parser, before the
+    recursive, slower composer sees them."""
+    depth = values = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                m = event.start_mark
+                raise InputError(f"{path}:{m.line + 1}:{m.column + 1}: nesting deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+        if isinstance(event, yaml.NodeEvent):
+            values += 1
+            if values > MAX_NODES:
+                m = event.start_mark
+                raise InputError(f"{path}:{m.line + 1}:{m.column + 1}: document has more than {MAX_NODES} values")

@@ -71,7 +71,9 @@ except Exception:
     print(""); print("")
 EOF
 )" || die "could not query $PY"
-{ read -r PYVER; read -r PYXY; read -r PYINC; read -r SITE; read -r NPINC; read -r NPMAJ; } <<<"$PYINFO"
+mapfile -t _I <<<"$PYINFO"
+PYVER="${_I[0]:-}"; PYXY="${_I[1]:-}"; PYINC="${_I[2]:-}"; SITE="${_I[3]:-}"; NPINC="${_I[4]:-}"; NPMAJ="${_I[5]:-}"
+[ -n "$SITE" ] || die "could not query $PY"
 [ -n "$NPINC" ] || die "numpy is not importable from $PY (install numpy into the venv first)"
 [ -f "$PYINC/Python.h" ] || die "Python.h not found in $PYINC (need Python development headers)"
 log "python: $PY ($PYVER), site-packages: $SITE, numpy major: $NPMAJ"
@@ -272,6 +274,7 @@ fi
 # <<< patches
 
 # ---- configure + build ------------------------------------------------------------
+[ -f "$BUILD/CMakeCache.txt" ] || : > "$BLOG"    # fresh build dir -> fresh log
 mkdir -p "$BUILD"
 CXXFLAGS_EXTRA="-I$PYINC -I$NPINC -I$HDF5_INC -Wno-deprecated-declarations"
 LDFLAGS_EXTRA="-L$HDF5_LIB -Wl,-rpath,$HDF5_LIB"

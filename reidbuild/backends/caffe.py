@@ -132,11 +132,14 @@ class CaffeRunner:
             caffe = _import_caffe()
             caffe.set_mode_cpu()
             self.version = str(getattr(caffe, "__version__", "unknown"))
+            self.field13 = _pycaffe_field13()
+            _precheck_pycaffe(self.prototxt, self.caffemodel, self.field13)
             self.net = caffe.Net(str(self.prototxt), str(self.caffemodel), caffe.TEST)
         else:
             import cv2
 
             self.version = str(cv2.__version__)
+            self.field13 = "ceil_mode"  # OpenCV's own caffe.proto has the fork field
             try:
                 self.net = cv2.dnn.readNetFromCaffe(str(self.prototxt), str(self.caffemodel))
             except cv2.error as exc:
@@ -184,7 +187,41 @@ class CaffeRunner:
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "version": self.version, "device": "cpu",
-                "backend": "pycaffe (Caffe CPU)" if self.runtime == "pycaffe" else "OpenCV dnn Caffe importer"}
+                "backend": "pycaffe (Caffe CPU)" if self.runtime == "pycaffe" else "OpenCV dnn Caffe importer",
+                # what PoolingParameter field 13 means to this runtime: which dialects it reads correctly
+                "pooling_field_13": self.field13 or "absent"}
+
+
+def _pycaffe_field13() -> str:
+    """"ceil_mode" (fork bool), "round_mode" (BVLC master enum) or "" (stock BVLC 1.0) for this pycaffe."""
+    try:
+        from caffe.proto import caffe_pb2  # type: ignore[import-not-found]
+    except Exception:
+        return ""
+    f = caffe_pb2.PoolingParameter.DESCRIPTOR.fields_by_number.get(13)
+    return f.name if f is not None else ""
+
+
+def _precheck_pycaffe(prototxt: Path, caffemodel: Path, field13: str) -> None:
+    """Refuse here what would make libcaffe abort the whole process (glog CHECK) while loading."""
+    text = prototxt.read_text()
+    if re.search(r"\bceil_mode\s*:", text) and field13 != "ceil_mode":
+        kind = "BVLC master (round_mode)" if field13 == "round_mode" else "stock BVLC (no rounding field)"
+        raise StageFailed(f"{prototxt.name} uses the ceil_mode dialect but this pycaffe is {kind}: "
+                          "run it with runtime opencv, or convert with dialect bvlc")
+    try:
+        from caffe.proto import caffe_pb2  # type: ignore[import-not-found]
+        from google.protobuf import text_format
+    except Exception:
+        return
+    try:
+        text_format.Parse(text, caffe_pb2.NetParameter())
+    except text_format.ParseError as exc:
+        raise StageFailed(f"{prototxt.name}: this pycaffe cannot parse the prototxt: {exc}") from None
+    try:
+        caffe_pb2.NetParameter.FromString(caffemodel.read_bytes())
+    except Exception as exc:
+        raise StageFailed(f"{caffemodel.name}: not a Caffe NetParameter: {str(exc).splitlines()[0]}") from None
 
 
 def _cv_message(exc: Exception) -> str:

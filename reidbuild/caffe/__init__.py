@@ -1,0 +1,3 @@
+"""Caffe support: reidbuild's own Caffe protobuf schema (``schema``, one variant per dialect) and the
+ONNX -> Caffe converter (``convert``). Neither needs a Caffe installation; running the result does
+(``reidbuild.backends.caffe``: pycaffe or OpenCV's Caffe importer)."""

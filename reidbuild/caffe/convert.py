@@ -1047,15 +1047,10 @@ class _Converter:
         for i, o in enumerate(outs):
             shp = list(s)
             shp[axis] = bounds[i + 1] - bounds[i]
-            tops.append((o if o else f"{self.node.output[0]}/part{i}", tuple(shp)))
-        named = [o for o in outs if o]
-        if len(named) == len(outs):
-            res = self.net.add("Slice", self.lname(), [x], tops, {"slice_param": {"axis": axis, "slice_point": points}},
-                               top_is_onnx=True)
-        else:
-            res = self.net.add("Slice", self.lname(f"slice{axis}"), [x], tops,
-                               {"slice_param": {"axis": axis, "slice_point": points}})
-        return res
+            tops.append((o if o else self.net.unique_blob(f"{self.node.output[0]}/part{i}"), tuple(shp)))
+        name = self.lname() if all(outs) else self.lname(f"slice{axis}")
+        return self.net.add("Slice", name, [x], tops, {"slice_param": {"axis": axis, "slice_point": points}},
+                            top_is_onnx=True)
 
     def op_Split(self, node: Any) -> None:
         a = _attrs(node)
@@ -1390,9 +1385,7 @@ def to_messages(net: _Net, dialect: str, name: str) -> tuple[Any, Any]:
 
 def build_net(model: Any, dialect: str, input_shape: tuple[int, int, int, int]) -> _Net:
     """The converted net (layers and blob shapes) before serialization."""
-    import copy
-
-    return _Converter(copy.deepcopy(model), dialect, input_shape).run()
+    return _Converter(model, dialect, input_shape).run()  # reads the model, never modifies it
 
 
 @dataclass(frozen=True)

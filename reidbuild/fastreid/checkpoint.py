@@ -99,12 +99,15 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def _safe_load(path: Path) -> Any:
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: is not a file, expected a fast-reid checkpoint (.pth)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: checkpoint file is empty")
+    try:
+        if not path.exists():
+            raise CheckpointError(f"{path}: checkpoint file not found")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: is not a file, expected a fast-reid checkpoint (.pth)")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: checkpoint file is empty")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot access checkpoint ({exc.strerror or exc.__class__.__name__})") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -99,6 +99,7 @@ _PRE_V03_KEYS: frozenset[str] = frozenset({
 })
 
 _SCALARS = (str, int, float, bool, type(None))
+_MAX_NODES = 100_000  # values per file; YAML aliases can otherwise expand exponentially
 
 
 def defaults() -> dict[str, Any]:
@@ -164,10 +165,10 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
             raise ConfigError(f"{where}: {prefix}.{key} must be true or false, got {value!r}")
         return value
 
-    def count(section: dict[str, Any], prefix: str, key: str, minimum: int) -> int:
+    def count(section: dict[str, Any], prefix: str, key: str, minimum: int, maximum: int = 1 << 20) -> int:
         value = need(section, prefix, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{where}: {prefix}.{key} must be an integer >= {minimum}, got {value!r}")
+        if type(value) is not int or not minimum <= value <= maximum:
+            raise ConfigError(f"{where}: {prefix}.{key} must be an integer in [{minimum}, {maximum}], got {value!r}")
         return value
 
     one_of(need(model, "MODEL", "META_ARCHITECTURE"), "MODEL.META_ARCHITECTURE", SUPPORTED_META_ARCHITECTURES)
@@ -176,7 +177,7 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
     depth = need(backbone, "MODEL.BACKBONE", "DEPTH")
     one_of(depth, "MODEL.BACKBONE.DEPTH", list(DEPTHS))
     stride = need(backbone, "MODEL.BACKBONE", "LAST_STRIDE")
-    if isinstance(stride, bool):
+    if type(stride) is not int:
         raise ConfigError(f"{where}: MODEL.BACKBONE.LAST_STRIDE must be 1 or 2, got {stride!r}")
     one_of(stride, "MODEL.BACKBONE.LAST_STRIDE", LAST_STRIDES)
     one_of(need(backbone, "MODEL.BACKBONE", "NORM"), "MODEL.BACKBONE.NORM", BN_NORMS)
@@ -197,7 +198,7 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
             f"input size); supported: {', '.join(supported()['MODEL.HEADS.POOL_LAYER'])}"
         )
     one_of(pool, "MODEL.HEADS.POOL_LAYER", supported()["MODEL.HEADS.POOL_LAYER"])
-    count(heads, "MODEL.HEADS", "EMBEDDING_DIM", 0)
+    count(heads, "MODEL.HEADS", "EMBEDDING_DIM", 0, 65536)
     count(heads, "MODEL.HEADS", "NUM_CLASSES", 0)
     if flag(heads, "MODEL.HEADS", "WITH_BNNECK"):
         one_of(need(heads, "MODEL.HEADS", "NORM"), "MODEL.HEADS.NORM", BN_NORMS)
@@ -205,7 +206,7 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
 
     for key, positive in (("PIXEL_MEAN", False), ("PIXEL_STD", True)):
         value = need(model, "MODEL", key)
-        ok = isinstance(value, list) and len(value) == 3 and all(
+        ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
             for v in value
         )
@@ -214,7 +215,7 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
             raise ConfigError(f"{where}: MODEL.{key} must be a list of {what} (R, G, B), got {value!r}")
 
     size = need(_section(cfg, ("INPUT",), where), "INPUT", "SIZE_TEST")
-    if not (isinstance(size, list) and len(size) == 2
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         raise ConfigError(f"{where}: INPUT.SIZE_TEST must be [height, width] in positive integers, got {size!r}")
 
@@ -243,7 +244,11 @@ def _read_with_base(path: Path, stack: tuple[Path, ...], origins: dict[str, str]
     base_path = Path(os.path.expanduser(base_ref))
     if not base_path.is_absolute():
         base_path = path.parent / base_path
-    if not base_path.is_file():
+    try:
+        found = base_path.is_file()
+    except OSError:
+        found = False
+    if not found:
         raise ConfigError(f"{path}: _BASE_ file {base_ref!r} not found (looked for {base_path})")
     base = _read_with_base(base_path, (*stack, resolved), origins)
     _record_origins(tree, (), str(path), origins)
@@ -281,9 +286,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(f"{path}: YAML is nested too deeply") from None
     return data
-
-
-_MAX_NODES = 100_000
 
 
 def _mark(exc: yaml.YAMLError) -> str:

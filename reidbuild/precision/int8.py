@@ -186,8 +186,13 @@ def check_qdq_for_tensorrt(model: Any) -> None:
 
 
 def quantize_int8(model_bytes: bytes, images: np.ndarray, *, method: str = "entropy", percentile: float = 99.999,
-                  workdir: Path, log: Optional[Callable[[str], None]] = None) -> tuple[bytes, dict[str, Any]]:
-    """float32 ONNX bytes + calibration images (float32 [N,3,H,W] RGB 0..255) -> (Q/DQ ONNX bytes, record)."""
+                  workdir: Path, log: Optional[Callable[[str], None]] = None,
+                  quantize_bias: bool = False) -> tuple[bytes, dict[str, Any]]:
+    """float32 ONNX bytes + calibration images (float32 [N,3,H,W] RGB 0..255) -> (Q/DQ ONNX bytes, record).
+
+    ``quantize_bias=True`` writes onnxruntime's int32 bias Q/DQ instead of float biases: TensorRT cannot
+    build that graph, so it exists only for CPU comparisons (benchmarks/bench_int8.py).
+    """
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -255,7 +260,7 @@ def quantize_int8(model_bytes: bytes, images: np.ndarray, *, method: str = "entr
                 per_channel=True, reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 nodes_to_exclude=list(epilogue), calibrate_method=cal_method,
                 # biases stay float: TensorRT dequantises int8/fp8/int4/fp4, not the int32 bias onnxruntime writes
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": quantize_bias},
                 calibration_cache_path=str(ranges_path))
     except StageFailed:
         raise
@@ -265,7 +270,8 @@ def quantize_int8(model_bytes: bytes, images: np.ndarray, *, method: str = "entr
     finally:
         ort_logger.setLevel(old_level)
     qmodel = onnx.load(str(out_path))
-    check_qdq_for_tensorrt(qmodel)
+    if not quantize_bias:
+        check_qdq_for_tensorrt(qmodel)
     data = qmodel.SerializeToString(deterministic=True)
     if str(workdir).encode() in data:
         raise StageFailed("int8: the quantised graph mentions the scratch folder; refusing a non-reproducible artifact")
@@ -278,7 +284,7 @@ def quantize_int8(model_bytes: bytes, images: np.ndarray, *, method: str = "entr
         "format": "QDQ",
         "activations": "int8 symmetric per-tensor",
         "weights": "int8 symmetric per-channel",
-        "bias": "float (not quantised)",
+        "bias": "int32 (CPU only)" if quantize_bias else "float (not quantised)",
         "op_types_quantized": ops,
         "kept_float_nodes": len(epilogue),
         "calibration": {

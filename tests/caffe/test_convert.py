@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from google.protobuf import text_format
 from onnx import TensorProto, helper
 from torch import nn
 
@@ -153,3 +154,14 @@ def test_output_taken_from_a_multi_top_layer(runtime, tmp_path):
     out_layer = next(la for la in net.layer if "output" in la.top)
     assert out_layer.name == "output" and list(out_layer.top) == ["output"]
     np.testing.assert_array_equal(run_caffe(proto, caffemodel, runtime, x), torch_ref(module, x).reshape(2, -1))
+
+
+def test_prototxt_parses_with_its_own_dialect_schema():
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.Flatten()).eval()
+    model = export(module, (1, 3, 8, 6))  # 3x3/2 pad 1: floor gives 4x3, ceil 5x4
+    texts = {d: convert(model, d, (1, 3, 8, 6))[0] for d in DIALECTS}
+    for d, text in texts.items():
+        assert S.net_to_text(S.parse_prototxt(text, d)) == text
+    with pytest.raises(text_format.ParseError, match="ceil_mode"):
+        S.parse_prototxt(texts["ceil_mode"], "bvlc")
+    assert '"Slice"' in texts["bvlc"] and '"Slice"' not in texts["ceil_mode"]

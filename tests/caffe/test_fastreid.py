@@ -3,11 +3,11 @@
 Small inputs (64x32) keep the folder fast; every block type still runs (stem ceil max-pool, IBN in layers 1-3,
 SE in every block, Non-local blocks in layers 2-3 of R50, GeM/GeM-P pooling, BN neck).
 
-Tolerance: rtol=1e-3, atol=1e-4 on features of magnitude ~1-30 after 18-50 float32 layers. Caffe/OpenCV sum
-convolutions in another order than PyTorch (and OpenCV fuses BatchNorm/Scale into them), so errors grow
-with depth; measured max abs diffs are ~2e-5 (R50 SBS), i.e. the bound has ~5x headroom and is orders of
-magnitude below what any structural mistake (wrong rounding, a dropped eps, a mis-associated product)
-produces; cosine similarity (in float64) must exceed 1 - 1e-6.
+Tolerance: rtol=1e-4, atol=5e-5 on features of magnitude up to ~20 after 18-50 float32 layers. Caffe and
+OpenCV sum convolutions in another order than PyTorch (OpenCV also fuses BatchNorm/Scale into them), so the
+rounding differences grow with depth: measured max abs diffs are <= 1.1e-5 (R50 AGW/SBS, 64x32 and
+256x128), so the bound has ~4x headroom; a structural mistake (wrong rounding, a dropped eps, a
+mis-associated product) is off by 1e-2 or more. Cosine similarity (in float64) must exceed 1 - 1e-6.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.caffe._util import DIALECTS, RUNTIMES, export, need, rand, run_caffe,
 
 fastreid = pytest.importorskip("reidbuild.fastreid")
 
-RTOL, ATOL = 1e-3, 1e-4
+RTOL, ATOL = 1e-4, 5e-5
 HW = (64, 32)
 
 CONFIGS = {
@@ -65,25 +65,25 @@ def cfg_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("fastreid_cfg"))
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_fastreid_config_converts_with_passing_parity(name, cfg_dir, tmp_path):
-    runtimes = [r for r in RUNTIMES if _have(r)]
-    if "pycaffe" not in runtimes:
-        need("pycaffe")  # the reference runtime; skips with how to build it
+@functools.lru_cache(maxsize=None)
+def _converted(name: str, dialect: str, cfg_dir: str):
     model, x, ref = _built(name, cfg_dir)
+    folder = Path(cfg_dir) / name
+    folder.mkdir(exist_ok=True)
+    proto, caffemodel, text = write_caffe(folder, model, dialect, (2, 3) + HW)
+    return proto, caffemodel, text, x, ref
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fastreid_config_converts_with_passing_parity(name, runtime, cfg_dir):
+    need(runtime)
     for dialect in DIALECTS:
-        proto, caffemodel, text = write_caffe(tmp_path, model, dialect, (2, 3) + HW)
+        proto, caffemodel, text, x, ref = _converted(name, dialect, cfg_dir)
         if "IBN" in name:
             assert '"MVN"' in text
-        for runtime in runtimes:
-            out = run_caffe(proto, caffemodel, runtime, x)
-            np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL, err_msg=f"{name} {dialect} {runtime}")
-            o, r = out.astype(np.float64), ref.astype(np.float64)
-            cos = np.sum(o * r, 1) / np.linalg.norm(o, axis=1) / np.linalg.norm(r, axis=1)
-            assert cos.min() > 1 - 1e-6, (name, dialect, runtime, cos)
-
-
-def _have(runtime: str) -> bool:
-    from reidbuild.backends.caffe import available
-
-    return available(runtime) is None
+        out = run_caffe(proto, caffemodel, runtime, x)
+        np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL, err_msg=f"{name} {dialect} {runtime}")
+        o, r = out.astype(np.float64), ref.astype(np.float64)
+        cos = np.sum(o * r, 1) / np.linalg.norm(o, axis=1) / np.linalg.norm(r, axis=1)
+        assert cos.min() > 1 - 1e-6, (name, dialect, runtime, cos)

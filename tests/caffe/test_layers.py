@@ -1,10 +1,11 @@
 """Every layer mapping, on tiny torch nets, against PyTorch through both real Caffe runtimes and both dialects.
 
-Tolerance: rtol=1e-4, atol=1e-5 on activations of order 1. Caffe (im2col + BLAS gemm, Caffe's pooling and
-normalisation loops) and OpenCV (which also fuses BatchNorm/Scale into the convolutions) sum in a different
-order than PyTorch, which moves float32 results by a few ulp (measured: <= 2e-6 here); the bounds leave ~5x
-headroom and are still far below what any structural error (a wrong window, a missing eps, a shifted row)
-produces.
+Tolerance: rtol=1e-5, atol=2e-6 on activations of magnitude <= 3. Caffe (im2col + BLAS gemm, its own pooling
+and normalisation loops) and OpenCV (which also fuses BatchNorm/Scale into convolutions) sum in a different
+order than PyTorch, which moves float32 results by a few ulp: measured max abs diff <= 5e-7 over all cases,
+dialects and runtimes. The bound leaves ~4x headroom (other CPUs/BLAS kernels) and is still orders of
+magnitude below what any structural error (a wrong window, eps on the std instead of the variance, a
+shifted row) produces.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from tests.caffe._util import DIALECTS, RUNTIMES, export, need, rand, run_caffe, torch_ref, write_caffe
 
-RTOL, ATOL = 1e-4, 1e-5
+RTOL, ATOL = 1e-5, 2e-6
 
 
 def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:

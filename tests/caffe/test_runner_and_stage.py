@@ -125,3 +125,17 @@ def test_stage_reports_a_refusal(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"not onnx")
     with pytest.raises(StageFailed, match="not a readable ONNX model"):
         stage.run(pipeline.StageContext(tmp_path, {}, lambda m: None))
+
+
+def test_pycaffe_problems_are_errors_not_aborts(tmp_path):
+    """libcaffe aborts the process on a bad prototxt; the runner checks first and raises instead."""
+    need("pycaffe")
+    proto, caffemodel, text = write_caffe(tmp_path, export(_tiny(), (1, 3, 8, 6)), "ceil_mode", (1, 3, 8, 6))
+    assert backend.CaffeRunner(proto, caffemodel, "pycaffe").describe()["pooling_field_13"] == "ceil_mode"
+    proto.write_text(text.replace("ceil_mode: false", "round_mode: FLOOR"))
+    with pytest.raises(StageFailed, match="cannot parse the prototxt"):
+        backend.CaffeRunner(proto, caffemodel, "pycaffe")
+    proto.write_text(text)
+    caffemodel.write_bytes(b"\xff\xff\xff")
+    with pytest.raises(StageFailed, match="not a Caffe NetParameter"):
+        backend.CaffeRunner(proto, caffemodel, "pycaffe")

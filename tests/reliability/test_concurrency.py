@@ -6,9 +6,18 @@ The first run is frozen with SIGSTOP while it holds the run lock, so the overlap
 from __future__ import annotations
 
 import re
+import time
 
-from tests.reliability._util import (ARTIFACTS, START_RE, Child, assert_one_line_error, cli, count, sha,
+from tests.reliability._util import (ARTIFACTS, START_RE, Child, assert_one_line_error, cli, count, sha, snapshot,
                                      temp_files)
+
+
+def _state(project) -> dict:
+    """Every file in the output folder and the lock (the run lock's pid file aside)."""
+    def skip(p):
+        return p.name == ".reidbuild.pid" or not (p in (project.root / "m.lock", project.out) or project.out in p.parents)
+
+    return snapshot(project.root, skip=skip)
 
 
 def test_second_apply_fails_fast_with_no_wait_or_waits_and_finds_nothing_to_do(project):
@@ -16,6 +25,7 @@ def test_second_apply_fails_fast_with_no_wait_or_waits_and_finds_nothing_to_do(p
     try:
         assert first.wait_line(lambda ln: ln.startswith("==> onnx.export: running")), first.err()
         first.stop()  # holding the lock, mid-build
+        frozen = _state(project)
         # --no-wait: exit 4 at once, naming the holder
         code, out, err = cli("apply", "--no-wait", project.manifest)
         line = assert_one_line_error(code, err, 4, "another reidbuild run")
@@ -26,6 +36,8 @@ def test_second_apply_fails_fast_with_no_wait_or_waits_and_finds_nothing_to_do(p
         msg = second.wait_line(lambda ln: "waiting for another reidbuild run" in ln)
         assert msg and f"pid {first.proc.pid}" in msg, second.err()
         assert first.proc.poll() is None and second.proc.poll() is None
+        time.sleep(1.0)
+        assert _state(project) == frozen, "a run wrote to the output folder or the lock without holding the lock"
         first.cont()
         assert first.finish() == 0, first.err()
         assert second.finish() == 0, second.err()

@@ -14,7 +14,8 @@ then a later ``apply`` finishes the build: exit 0, temp files cleaned, ``verify`
 lock are byte-identical to a clean build of B.
 
 Kills are chained (a killed run's successor is the next trial's run), and two chains run at once, to keep
-the suite fast; every chain ends with an ``apply`` that must finish the build.
+the suite fast; every chain ends with an ``apply`` that must finish the build. Every run after a kill uses
+``--no-wait``, so a run lock left behind by the killed process would fail it (exit 4) instead of blocking.
 """
 from __future__ import annotations
 

@@ -1,0 +1,44 @@
+"""Default parity tolerances per check; the manifest's parity section and ``parity.overrides`` refine them.
+
+fp32 artifacts (onnxruntime, caffe, an fp32 TensorRT engine) must match PyTorch elementwise. Reduced
+precision cannot, so fp16/int8 are judged on what retrieval uses: per-image cosine and neighbour agreement
+(rank-1 agreement and top-5 overlap, the parity images serving as query and gallery).
+
+The retrieval thresholds come from measurements (tests/precision, docs in the module's report): fast-reid
+R18 at 256x128, random weights with a data-calibrated BN neck, 12 test images, seeds 0-2, onnxruntime CPU:
+  fp16               min cosine 0.999999, rank-1 1.000, top-5 1.000 (every seed)
+  int8 good calib.   min cosine 0.991-0.995, rank-1 0.917-1.000, top-5 0.967-1.000 (minmax, percentile)
+  int8 one black img min cosine 0.980-0.983, rank-1 0.833-1.000, top-5 0.933-0.983
+fp16 allows no rank-1 flip on a 12-image set (0.95); int8 allows one flip in 12 with margin (0.85). The
+per-image cosine is the check that separates a good calibration from a bad one; the retrieval thresholds
+are a backstop against reordering that a high average cosine can hide.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_FP32: dict[str, Any] = {"rtol": 1e-3, "atol": 1e-6, "min_cosine": None, "min_rank1": None, "topk": None,
+                         "min_topk_overlap": None}
+_FP16: dict[str, Any] = {"rtol": None, "atol": None, "min_cosine": 0.999, "min_rank1": 0.95, "topk": 5,
+                         "min_topk_overlap": 0.95}
+_INT8: dict[str, Any] = {"rtol": None, "atol": None, "min_cosine": 0.99, "min_rank1": 0.85, "topk": 5,
+                         "min_topk_overlap": 0.85}
+
+_BY_CHECK = {
+    "fp32": _FP32, "onnxruntime": _FP32, "caffe": _FP32, "tensorrt": _FP32, "onnx_fp32": _FP32,
+    "tensorrt_fp32": _FP32,
+    "fp16": _FP16, "onnx_fp16": _FP16, "tensorrt_fp16": _FP16,
+    "int8": _INT8, "onnx_int8": _INT8, "tensorrt_int8": _INT8,
+}
+
+
+def default_tolerance(check: str) -> dict[str, Any]:
+    """Tolerance keys (rtol, atol, min_cosine, min_rank1, topk, min_topk_overlap) for a parity check name.
+
+    ``onnx_fp16``/``onnx_int8`` are the precision ONNX on onnxruntime; a TensorRT engine of that precision
+    uses the same profile (``tensorrt_fp16``/``tensorrt_int8``, or the mode name itself). Unset keys are None.
+    """
+    try:
+        return dict(_BY_CHECK[check])
+    except KeyError:
+        raise ValueError(f"no default tolerance for check {check!r} (known: {', '.join(sorted(_BY_CHECK))})") from None

@@ -1,0 +1,197 @@
+"""Build a serialized TensorRT engine from ONNX bytes with a strongly typed network (TensorRT 10 and 11).
+
+No precision flags exist in this path: fp16 comes from the fp16 ONNX's own types, int8 from its Q/DQ nodes
+(TensorRT 11 removed BuilderFlag.FP16/INT8 and the calibrators). TF32 is switched off so float32 layers
+compute what onnxruntime checked on the CPU. The ``trt`` module is a parameter so tests can pass a
+recording stand-in; that checks the mapping from manifest to API calls, not TensorRT itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ..errors import NotExpressible, StageFailed
+from .env import NOT_INSTALLED, engine_env, import_cudart, import_tensorrt
+
+MIN_TENSORRT = 10
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    batch_size: int            # optimisation profile opt and max batch (min is 1)
+    workspace_mib: int = 1024
+    height: Optional[int] = None  # only needed when the ONNX leaves H/W dynamic
+    width: Optional[int] = None
+
+
+@dataclass
+class EngineBuild:
+    engine: bytes
+    timing_cache: bytes
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def available() -> Optional[str]:
+    """Why engines cannot be built or run on this machine, or None."""
+    try:
+        trt = import_tensorrt()
+        version = str(trt.__version__)
+    except Exception as exc:  # ImportError, or a placeholder/broken install failing at import
+        detail = "" if isinstance(exc, ImportError) else f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return NOT_INSTALLED + detail
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < MIN_TENSORRT:
+        return f"TensorRT {version} is too old: strongly typed builds need TensorRT {MIN_TENSORRT}+"
+    try:
+        cudart = import_cudart()
+    except ImportError:
+        return "cuda-python is not installed (pip install cuda-python) and it is needed for engine buffers"
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except Exception as exc:
+        return f"no CUDA GPU (cudaGetDeviceCount raised {type(exc).__name__})"
+    if int(err) != 0 or int(count) < 1:
+        return f"no CUDA GPU ({getattr(err, 'name', err)})" if int(err) != 0 else "no CUDA GPU"
+    return None
+
+
+class _Log:
+    """Collects TensorRT's messages (errors are quoted in failures); a subclass of trt.ILogger at runtime."""
+
+    @staticmethod
+    def make(trt: Any, sink: Optional[Callable[[str], None]]) -> Any:
+        class Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity: Any, msg: str) -> None:  # noqa: ANN001
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    self.errors.append(str(msg))
+                    if sink:
+                        sink(f"TensorRT error: {msg}")
+                elif severity == trt.ILogger.Severity.WARNING and sink:
+                    sink(f"TensorRT warning: {msg}")
+
+        return Logger()
+
+
+def _parser_errors(parser: Any) -> list[str]:
+    out = []
+    for i in range(int(parser.num_errors)):
+        e = parser.get_error(i)
+        parts = []
+        node = getattr(e, "node", None)
+        if callable(node) and node() >= 0:
+            where = f"node {node()}"
+            for attr in ("node_name", "node_operator"):
+                f = getattr(e, attr, None)
+                if callable(f) and f():
+                    where += f" {f()}" if attr == "node_name" else f" ({f()})"
+            parts.append(where)
+        desc = e.desc() if callable(getattr(e, "desc", None)) else str(e)
+        parts.append(str(desc))
+        out.append(": ".join(parts))
+    return out
+
+
+def _dims(shape: Any) -> list[int]:
+    return [int(d) for d in shape]
+
+
+def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: Optional[bytes] = None,
+                 trt: Any = None, log: Optional[Callable[[str], None]] = None,
+                 env: Optional[dict[str, Any]] = None) -> EngineBuild:
+    """Parse ``onnx_bytes`` into a strongly typed network and build it; all failures are StageFailed."""
+    trt = trt or import_tensorrt()
+    say = log or (lambda _m: None)
+    logger = _Log.make(trt, log)
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # ignored (always on) in 11
+    if strongly is not None:
+        flags |= 1 << int(strongly)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = _parser_errors(parser) or logger.errors or ["the parser gave no reason"]
+        raise StageFailed(f"TensorRT cannot parse the ONNX ({len(errors)} error(s)):\n  " + "\n  ".join(errors))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mib) << 20)
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None:
+        config.clear_flag(tf32)
+
+    inputs = []
+    profile = None
+    for i in range(int(network.num_inputs)):
+        t = network.get_input(i)
+        shape = _dims(t.shape)
+        if len(shape) != 4:
+            raise NotExpressible(f"TensorRT input {t.name!r} has shape {shape}; expected [N, C, H, W] or [N, H, W, C]")
+        rest = shape[1:]
+        if any(d < 0 for d in rest):
+            # fill dynamic spatial dims from the manifest (channels first or last)
+            hw = [settings.height, settings.width]
+            if None in hw:
+                raise NotExpressible(f"TensorRT input {t.name!r} has dynamic dims {shape} and the manifest gives no "
+                                     "targets.tensorrt.height/width to fix them")
+            if rest[0] == 3 or (rest[0] < 0 and rest[-1] != 3):
+                rest = [3 if rest[0] < 0 else rest[0], *hw]
+            else:
+                rest = [*hw, 3 if rest[-1] < 0 else rest[-1]]
+        if shape[0] < 0:
+            profile = profile or builder.create_optimization_profile()
+            mn, opt, mx = [1, *rest], [settings.batch_size, *rest], [settings.batch_size, *rest]
+            profile.set_shape(t.name, mn, opt, mx)
+            inputs.append({"name": t.name, "shape": shape, "profile": {"min": mn, "opt": opt, "max": mx}})
+        else:
+            if shape[0] != settings.batch_size:
+                raise NotExpressible(f"TensorRT input {t.name!r} has a static batch of {shape[0]} but "
+                                     f"targets.tensorrt.batch_size is {settings.batch_size}; export with "
+                                     "targets.onnx.dynamic_batch: true")
+            if any(d < 0 for d in shape[1:]):
+                profile = profile or builder.create_optimization_profile()
+                fixed = [shape[0], *rest]
+                profile.set_shape(t.name, fixed, fixed, fixed)
+            inputs.append({"name": t.name, "shape": shape})
+    if profile is not None:
+        config.add_optimization_profile(profile)
+
+    cache_state = "fresh"
+    cache = config.create_timing_cache(timing_cache or b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        if timing_cache:
+            say("the previous timing cache does not fit this TensorRT/GPU; starting a fresh one")
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+            cache_state = "mismatch: replaced"
+        else:
+            raise StageFailed("TensorRT refused an empty timing cache")
+    elif timing_cache:
+        cache_state = "reused"
+
+    say(f"building the engine (batch 1..{settings.batch_size}, workspace {settings.workspace_mib} MiB)")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = "\n  ".join(logger.errors[-10:]) or "no error message from TensorRT"
+        raise StageFailed(f"TensorRT could not build the engine:\n  {detail}")
+    engine = bytes(memoryview(serialized))
+    cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
+    record = {
+        "builder": "TensorRT build_serialized_network, strongly typed network",
+        "network_flags": ["STRONGLY_TYPED"] if strongly is not None else [],
+        "tf32": False if tf32 is not None else "n/a",
+        "workspace_mib": settings.workspace_mib,
+        "inputs": inputs,
+        "outputs": [{"name": network.get_output(i).name, "shape": _dims(network.get_output(i).shape)}
+                    for i in range(int(network.num_outputs))],
+        "layers": int(network.num_layers),
+        "timing_cache": cache_state,
+        "env": env if env is not None else engine_env(trt),
+    }
+    return EngineBuild(engine, cache_bytes, record)

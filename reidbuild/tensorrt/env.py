@@ -1,0 +1,96 @@
+"""What a TensorRT engine is tied to, read with cuda-python, and how to tell a user it does not fit here.
+
+An engine runs only with the TensorRT version that built it, on the GPU architecture it was built for
+(the plan holds kernels chosen for that compute capability). The CUDA runtime and driver versions are
+recorded for diagnosis; they do not by themselves invalidate an engine.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+NOT_INSTALLED = ("TensorRT is not installed (the PyPI tensorrt wheels are placeholders that download from "
+                 "NVIDIA; install TensorRT 10+ from NVIDIA)")
+
+
+def import_tensorrt() -> Any:
+    import tensorrt  # noqa: PLC0415 (optional dependency)
+
+    return tensorrt
+
+
+def import_cudart() -> Any:
+    """cuda-python's runtime bindings (``cuda.bindings.runtime``; older releases: ``cuda.cudart``)."""
+    try:
+        from cuda.bindings import runtime  # noqa: PLC0415
+
+        return runtime
+    except ImportError:
+        from cuda import cudart  # noqa: PLC0415
+
+        return cudart
+
+
+def _ok(cudart: Any, result: Any, what: str) -> Any:
+    """Unpack a cuda-python ``(err, *values)`` tuple; raise RuntimeError naming the call on failure."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        name = getattr(err, "name", str(err))
+        raise RuntimeError(f"{what} failed: {name}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _version(v: int) -> str:
+    """CUDA's 1000*major + 10*minor encoding -> 'major.minor'."""
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def engine_env(trt: Any = None, cudart: Any = None, device: int = 0) -> dict[str, Any]:
+    """The environment an engine built (or run) here is tied to; raises if TensorRT or the GPU is missing."""
+    trt = trt or import_tensorrt()
+    cudart = cudart or import_cudart()
+    prop = _ok(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = prop.name
+    if isinstance(name, (bytes, bytearray)):
+        name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+    return {
+        "tensorrt": str(trt.__version__),
+        "gpu": str(name).strip(),
+        "compute_capability": f"{int(prop.major)}.{int(prop.minor)}",
+        "cuda_runtime": _version(int(_ok(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))),
+        "cuda_driver": _version(int(_ok(cudart, cudart.cudaDriverGetVersion(), "cudaDriverGetVersion"))),
+    }
+
+
+def _describe(env: dict[str, Any]) -> str:
+    return (f"TensorRT {env.get('tensorrt', '?')} on {env.get('gpu', '?')} "
+            f"(compute capability {env.get('compute_capability', '?')})")
+
+
+def engine_env_mismatch(recorded: dict[str, Any], current: Optional[dict[str, Any]] = None) -> Optional[str]:
+    """Why an engine recorded with ``recorded`` (a tensorrt.engine lock record, or its ``env``) cannot be
+    checked or used here, or None when this machine matches. ``current`` defaults to this machine."""
+    env = recorded.get("env", recorded) if isinstance(recorded, dict) else {}
+    if not env or "tensorrt" not in env:
+        return "the lock records no TensorRT environment for this engine; rebuild it"
+    if current is None:
+        from .build import available
+
+        why = available()
+        if why:
+            return f"the engine was built with {_describe(env)}; this machine cannot check it: {why}"
+        try:
+            current = engine_env()
+        except Exception as exc:  # a broken CUDA setup is reported, not raised
+            return f"the engine was built with {_describe(env)}; this machine's CUDA setup fails: {exc}"
+    diffs = []
+    if str(env.get("tensorrt")) != str(current.get("tensorrt")):
+        diffs.append(f"TensorRT {env.get('tensorrt')} vs {current.get('tensorrt')} here")
+    if str(env.get("compute_capability")) != str(current.get("compute_capability")):
+        diffs.append(f"compute capability {env.get('compute_capability')} vs {current.get('compute_capability')} here")
+    if str(env.get("gpu")) != str(current.get("gpu")):
+        diffs.append(f"GPU {env.get('gpu')} vs {current.get('gpu')} here")
+    if not diffs:
+        return None
+    return (f"the engine was built with {_describe(env)}, this machine has {_describe(current)} "
+            f"({'; '.join(diffs)}): engines are specific to the TensorRT version and GPU, so its bytes cannot "
+            "be compared here; rebuild the engine on this machine (reidbuild apply) or verify on the recorded one")
