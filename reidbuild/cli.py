@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 parity, verify or --locked check failed; 2 invalid manifest, patch, config,
 checkpoint or image; 3 a backend or tool the manifest needs is unavailable here; 4 another run holds
-the output folder; 5 a stage's tool failed; 70 internal error (a bug: please report); 130 interrupted.
+the output folder; 5 a stage's tool failed; 6 the file system refused a read or write (disk full,
+permission denied, read-only); 70 internal error (a bug: please report); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import click
 
 from .errors import CheckFailed, InputError, ReidbuildError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 70, 130
+EXIT_OK, EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 6, 70, 130
 
 
 def _fail(exc: BaseException) -> NoReturn:
@@ -30,6 +31,10 @@ def _fail(exc: BaseException) -> NoReturn:
         if rest:
             click.echo(rest, err=True)
         sys.exit(exc.exit_code)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename or "file system"
+        click.echo(f"error: {where}: {exc.strerror} (nothing half-written was kept)", err=True)
+        sys.exit(EXIT_IO)
     if isinstance(exc, KeyboardInterrupt):
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)

@@ -16,9 +16,6 @@ from .errors import Busy, InputError
 
 _CHUNK = 1 << 20
 
-# reidbuild writes only its output folder and lock: keep onnxruntime (imported later, by stages and backends)
-# from writing a device id and a telemetry database under ~/.cache/Microsoft on every run
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 def sha256_file(path: Path) -> str:

@@ -256,7 +256,7 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: ty
         deeper = _data_loc(doc, other)
         if len(deeper) > len(data_loc) and deeper[: len(data_loc)] == data_loc and first["type"] != "missing":
             first, data_loc = other, deeper
-    field = ".".join(str(p) for p in data_loc) or "(top level)"
+    field = ".".join(_show_key(p) for p in data_loc) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         owner = _model_at(tuple(data_loc[:-1])) if root is Manifest else None
@@ -272,6 +272,13 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: ty
     more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     where = doc.where(tuple(data_loc[:-1]) if first["type"] == "missing" else tuple(data_loc))
     return f"{where}: {field}: {msg}{more}"
+
+
+def _show_key(key: Any) -> str:
+    """A key as written, or quoted when it is empty or holds line breaks/control characters (one-line errors)."""
+    if isinstance(key, str) and (not key or not key.isprintable()):
+        return repr(key)
+    return str(key)
 
 
 def _data_loc(doc: yamlio.Document, error: Any) -> list[Any]:

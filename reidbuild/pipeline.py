@@ -300,6 +300,10 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 outcome.cached.append(stage.name)
                 emit(Event("cached", stage.name, "up to date"))
                 continue
+            tampered = [r for r in reasons if r.startswith("artifact ") and r.endswith(" was modified")]
+            if locked and tampered and stage.reproducible:
+                outcome.drift.extend(f"{stage.name}: {r}" for r in tampered)
+                raise CheckFailed(f"{lock_path}: --locked: {'; '.join(tampered)} (differs from the lock)")
             if locked and (rec_old is None or rec_old.fingerprint != fp or tool_drift(rec_old)):
                 why = "; ".join(planner.check(stage, fp, [])) or "fingerprint differs"
                 outcome.drift.append(f"{stage.name}: {why}")

@@ -7,7 +7,7 @@ patch changed it). ``trt``/``cudart`` can be injected for tests with stand-ins.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -134,7 +134,7 @@ class TensorRTRunner:
         except Exception:  # describe() must not fail a parity record
             env = {"tensorrt": str(getattr(self.trt, "__version__", "?"))}
         return {"runtime": "tensorrt", "version": env.get("tensorrt"), "device": env.get("gpu", "cuda"),
-                "env": env, "max_batch": self.max_batch}
+                "environment": env, "max_batch": self.max_batch}
 
     def close(self) -> None:
         for ptr, _ in self._buffers.values():

@@ -39,6 +39,22 @@ def _smoke_test(data: bytes, inp: Input, what: str) -> None:
         raise StageFailed(f"{what}: onnxruntime gives non-finite outputs")
 
 
+class LazyImages:
+    """Calibration images loaded slice by slice (len() and slicing only), preprocessed exactly like parity."""
+
+    def __init__(self, paths: list[Path], inp: Input) -> None:
+        self.paths, self.inp = list(paths), inp
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        from ..images import load_images
+
+        i = self.inp
+        return load_images(self.paths[index], i.height, i.width, i.color, i.interpolation)
+
+
 def calibration_inputs(target: TensorRTTarget, calib_paths: list[Path]) -> list[Path]:
     """The images calibration uses: the glob's sorted matches, at most ``batches`` x ``batch_size``."""
     cal = target.calibration
@@ -87,9 +103,7 @@ def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, cali
         params["percentile"] = cal.percentile
 
     def run_int8(ctx: StageContext) -> StageResult:
-        from ..images import load_images
-
-        images = load_images(paths, input.height, input.width, input.color, input.interpolation)
+        images = LazyImages(paths, input)
         ctx.log(f"calibrating on {len(images)} image(s), method {cal.method}")
         data, record = int8.quantize_int8(ctx.artifact(source.file).read_bytes(), images, method=cal.method,
                                           percentile=cal.percentile, workdir=ctx.tempdir() / "int8",

@@ -1,7 +1,7 @@
 """The TensorRT engine stage: ``<name>.engine`` and its timing cache from the (precision) ONNX.
 
 Engines are not bit-reproducible (tactic timing), so the stage is ``reproducible=False``: the lock keeps the
-engine's hash and, in the record's ``env``, the TensorRT version, GPU, compute capability and CUDA versions
+engine's hash and, in the record's ``environment``, the TensorRT version, GPU, compute capability and CUDA versions
 it is tied to; ``reidbuild.tensorrt.engine_env_mismatch`` turns a different machine into a clear message.
 The timing cache is kept as an artifact and fed back into the next build, so rebuilds skip tactic timing.
 """

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ..errors import NotExpressible, StageFailed
-from .env import NOT_INSTALLED, engine_env, import_cudart, import_tensorrt
+from .env import NOT_INSTALLED, engine_env, engine_env_mismatch, import_cudart, import_tensorrt  # noqa: F401
 
 MIN_TENSORRT = 10
 
@@ -192,6 +192,6 @@ def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: O
                     for i in range(int(network.num_outputs))],
         "layers": int(network.num_layers),
         "timing_cache": cache_state,
-        "env": env if env is not None else engine_env(trt),
+        "environment": env if env is not None else engine_env(trt),
     }
     return EngineBuild(engine, cache_bytes, record)

@@ -67,9 +67,11 @@ def _describe(env: dict[str, Any]) -> str:
 
 
 def engine_env_mismatch(recorded: dict[str, Any], current: Optional[dict[str, Any]] = None) -> Optional[str]:
-    """Why an engine recorded with ``recorded`` (a tensorrt.engine lock record, or its ``env``) cannot be
-    checked or used here, or None when this machine matches. ``current`` defaults to this machine."""
-    env = recorded.get("env", recorded) if isinstance(recorded, dict) else {}
+    """Why an engine recorded with ``recorded`` (a tensorrt.engine lock record, or its ``environment``) cannot
+    be checked or used here, or None when this machine matches. ``current`` defaults to this machine."""
+    env: Any = {}
+    if isinstance(recorded, dict):
+        env = recorded.get("environment", recorded.get("env", recorded))
     if not env or "tensorrt" not in env:
         return "the lock records no TensorRT environment for this engine; rebuild it"
     if current is None:

@@ -15,12 +15,11 @@ def demo_gpu(tmp_path_factory):
     """The precision tests' vehicle (R18 256x128, calibrated BN neck) with its fp32/fp16/int8 ONNX."""
     from reidbuild.images import load_images
     from reidbuild.precision import convert_fp16, quantize_int8
-    from tests.precision.common import (HEIGHT, R18_CONFIG, TEST_IMAGES, WIDTH, build_demo_model,
+    from tests.precision.common import (HEIGHT, TEST_IMAGES, WIDTH, build_demo_model, demo_config,
                                         export_simplified, synth_images, torch_features)
 
     root: Path = tmp_path_factory.mktemp("gpu")
-    (root / "config.yml").write_text(R18_CONFIG)
-    model = build_demo_model(root / "config.yml", load_images(synth_images(root / "neck", 32, seed=3), HEIGHT, WIDTH))
+    model = build_demo_model(demo_config(root), load_images(synth_images(root / "neck", 32, seed=3), HEIGHT, WIDTH))
     fp32 = export_simplified(model)
     calib = load_images(synth_images(root / "calib", 16, seed=4), HEIGHT, WIDTH)
     parity = load_images(TEST_IMAGES, HEIGHT, WIDTH)

@@ -34,10 +34,9 @@ def main() -> None:
         fp32, calib = args.onnx.read_bytes(), np.load(args.calib)
     else:
         from reidbuild.images import load_images
-        from tests.precision.common import R18_CONFIG, build_demo_model, export_simplified, synth_images
+        from tests.precision.common import build_demo_model, demo_config, export_simplified, synth_images
 
-        (root / "config.yml").write_text(R18_CONFIG)
-        model = build_demo_model(root / "config.yml", load_images(synth_images(root / "n", 32, 3), 256, 128))
+        model = build_demo_model(demo_config(root), load_images(synth_images(root / "n", 32, 3), 256, 128))
         fp32 = export_simplified(model)
         calib = load_images(synth_images(root / "c", 16, 4), 256, 128)
         if args.save_inputs:

@@ -32,7 +32,7 @@ def test_runner_moves_batches_through_real_device_memory_in_chunks():
         out = runner.infer(x)
         np.testing.assert_array_equal(out, x.reshape(11, -1)[:, :200])
         assert [c[1] for c in trt.calls if c[0] == "execute_async_v3"] == [4, 4, 3]
-        env = runner.describe()["env"]
+        env = runner.describe()["environment"]
         assert env["gpu"] and env["compute_capability"] and env["cuda_runtime"] and env["cuda_driver"]
 
 

@@ -45,10 +45,10 @@ def test_record_env_and_timing_cache_reuse(demo_gpu, engines):
     from reidbuild.tensorrt.env import engine_env, engine_env_mismatch
 
     rec = engines["fp16"].record
-    assert rec["env"] == engine_env() and engine_env_mismatch(rec) is None
+    assert rec["environment"] == engine_env() and engine_env_mismatch(rec) is None
     assert rec["inputs"][0]["profile"]["max"][0] == BATCH
     again = build_engine(demo_gpu["onnx"]["fp16"], EngineSettings(batch_size=BATCH),
                          timing_cache=engines["fp16"].timing_cache)
     assert again.record["timing_cache"] == "reused"
-    other = dict(rec["env"], tensorrt="0.0.0")
-    assert "TensorRT 0.0.0 vs" in engine_env_mismatch({"env": other})
+    other = dict(rec["environment"], tensorrt="0.0.0")
+    assert "TensorRT 0.0.0 vs" in engine_env_mismatch({"environment": other})

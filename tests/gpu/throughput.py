@@ -34,15 +34,14 @@ def main() -> int:
     from reidbuild.images import load_images
     from reidbuild.tensorrt.build import available
     from tests.gpu.common import cuda_reason
-    from tests.precision.common import R18_CONFIG, build_demo_model, export_simplified, synth_images
+    from tests.precision.common import build_demo_model, demo_config, export_simplified, synth_images
 
     why_cuda = cuda_reason() if torch.cuda.is_available() else "torch sees no CUDA GPU"
     if why_cuda:
         print(f"throughput: skipped ({why_cuda})")
         return 0
     root = Path(tempfile.mkdtemp())
-    (root / "config.yml").write_text(R18_CONFIG)
-    model = build_demo_model(root / "config.yml", load_images(synth_images(root / "n", 32, 3), 256, 128))
+    model = build_demo_model(demo_config(root), load_images(synth_images(root / "n", 32, 3), 256, 128))
     x = np.random.default_rng(0).uniform(0, 255, (8, 3, 256, 128)).astype(np.float32)
     rows = []
     torch.backends.cudnn.benchmark = True

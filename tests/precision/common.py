@@ -38,6 +38,16 @@ MODEL:
 """
 
 
+def demo_config(folder: Path) -> Path:
+    """The repo's demo config (configs/demo_R18.yml, fast-reid BoT R18) or, without it, the same inline."""
+    repo_cfg = REPO / "configs" / "demo_R18.yml"
+    if repo_cfg.is_file():
+        return repo_cfg
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yml").write_text(R18_CONFIG)
+    return folder / "config.yml"
+
+
 def synth_images(folder: Path, n: int, seed: int, size: tuple[int, int] = (64, 128)) -> list[Path]:
     """``n`` PNGs of smooth colour fields with a few ellipses/boxes, deterministic in ``seed``."""
     from PIL import Image, ImageDraw, ImageFilter

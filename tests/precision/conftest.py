@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .common import HEIGHT, R18_CONFIG, TEST_IMAGES, WIDTH, build_demo_model, export_simplified, synth_images, torch_features
+from .common import HEIGHT, TEST_IMAGES, WIDTH, build_demo_model, demo_config, export_simplified, synth_images, torch_features
 
 
 @dataclass
@@ -26,8 +26,7 @@ def demo(tmp_path_factory) -> Demo:
     from reidbuild.images import load_images
 
     root = tmp_path_factory.mktemp("demo")
-    cfg = root / "config.yml"
-    cfg.write_text(R18_CONFIG)
+    cfg = demo_config(root)
     neck = load_images(synth_images(root / "neck", 32, seed=3), HEIGHT, WIDTH)
     model = build_demo_model(cfg, neck)
     data = export_simplified(model)

@@ -28,6 +28,9 @@ def test_int8_percentile_passes_its_parity_profile(demo, percentile_int8):
     assert result.passed, result.failures  # measured: min cosine 0.9944, rank-1 1.0, top-5 1.0
     cal = record["calibration"]
     assert cal["method"] == "percentile" and cal["percentile"] == 99.999 and cal["images"] == 16
+    import hashlib
+
+    assert cal["images_sha256"] == hashlib.sha256(demo.calib.tobytes()).hexdigest()
     assert len(record["scales_sha256"]) == 64 and record["scales_per_channel"] == 20  # one per Conv weight
 
 

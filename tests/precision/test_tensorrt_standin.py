@@ -35,7 +35,7 @@ def test_manifest_maps_to_a_strongly_typed_build_with_profile_workspace_and_timi
     assert trt.names().index("set_timing_cache") < trt.names().index("build_serialized_network")
     assert built.engine == b"ENGINE" and built.timing_cache == b"CACHE:"
     r = built.record
-    assert r["env"] == ENV and r["timing_cache"] == "fresh" and r["tf32"] is False and r["workspace_mib"] == 512
+    assert r["environment"] == ENV and r["timing_cache"] == "fresh" and r["tf32"] is False and r["workspace_mib"] == 512
     assert r["inputs"][0]["profile"] == {"min": [1, 3, 256, 128], "opt": [8, 3, 256, 128], "max": [8, 3, 256, 128]}
 
 
@@ -97,7 +97,7 @@ def test_runner_chunks_above_the_profile_max_and_uses_cuda_python_buffers():
     kinds = [c[1] for c in cudart.calls if c[0] == "cudaMemcpyAsync"]
     assert kinds == ["cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost"] * 3
     assert sum(1 for c in cudart.calls if c[0] == "cudaStreamSynchronize") == 3
-    assert runner.describe()["env"]["gpu"] == "Stand-in GPU" and runner.max_batch == 4
+    assert runner.describe()["environment"]["gpu"] == "Stand-in GPU" and runner.max_batch == 4
     runner.close()
     assert sum(1 for c in cudart.calls if c[0] == "cudaFree") == 2 and not cudart.live
     with pytest.raises(StageFailed, match="cannot deserialize"):
@@ -111,18 +111,22 @@ def test_engine_env_reads_cuda_python():
 
 
 def test_engine_env_mismatch_names_what_differs():
-    assert engine_env_mismatch({"env": ENV}, current=dict(ENV, cuda_driver="13.1")) is None
-    msg = engine_env_mismatch({"env": ENV}, current=dict(ENV, tensorrt="10.13.0", gpu="NVIDIA A100-SXM4-80GB",
+    assert engine_env_mismatch({"environment": ENV}, current=dict(ENV, cuda_driver="13.1")) is None
+    msg = engine_env_mismatch({"environment": ENV}, current=dict(ENV, tensorrt="10.13.0", gpu="NVIDIA A100-SXM4-80GB",
                                                          compute_capability="8.0"))
     assert "TensorRT 11.4.0 vs 10.13.0 here" in msg and "compute capability 9.0 vs 8.0 here" in msg
     assert "NVIDIA A100" in msg and "rebuild the engine" in msg
     assert "no TensorRT environment" in engine_env_mismatch({})
+    # verify.py imports it from the build module and passes the record or its environment
+    from reidbuild.tensorrt.build import engine_env_mismatch as from_build
+
+    assert from_build({"mode": "fp16", "environment": ENV}, current=ENV) is None
 
 
 def test_engine_env_mismatch_on_a_machine_without_tensorrt(monkeypatch):
     import reidbuild.tensorrt.build as trt_build
 
     monkeypatch.setattr(trt_build, "available", lambda: "no CUDA GPU")
-    msg = engine_env_mismatch({"env": ENV})
+    msg = engine_env_mismatch({"environment": ENV})
     assert "built with TensorRT 11.4.0 on NVIDIA H100 80GB HBM3 (compute capability 9.0)" in msg
     assert msg.endswith("no CUDA GPU")

@@ -67,7 +67,6 @@ def test_code_carrying_pickle_is_refused_without_running_it(tmp_path, kind):
     else:
         code, _, err = cli("apply", m)
     line = assert_one_line_error(code, err, 2, "model_final.pth")
-    print(line)
     assert "not executed" in line or "unsafe" in line or "not a readable" in line, line
     assert not marker.exists(), "the checkpoint's pickle ran code"
     assert not (tmp_path / "m.lock").exists()
@@ -206,7 +205,6 @@ def test_bad_checkpoint_is_one_line_exit_2_and_no_lock(tmp_path, case):
     make(tmp_path, tmp_path / "model_final.pth")
     code, out, err = cli("apply", m)
     line = assert_one_line_error(code, err, 2, needle)
-    print(line)
     assert "model_final.pth" in line, line
     assert not (tmp_path / "m.lock").exists()
     assert not [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".reidbuild")] \

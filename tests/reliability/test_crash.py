@@ -118,21 +118,21 @@ class Trial:
         assert {n: sha(self.out / n) for n in ARTIFACTS} == self.ref.artifacts
         assert self.lock.read_text() == self.ref.lock_text
 
-    def kill_at_stage(self, first: int, fraction: float) -> None:
+    def kill_at_stage(self, first: int, fraction: float) -> bool:
         """Run apply; SIGKILL ``fraction`` of a stage's duration after the first of STAGES[first:] starts."""
         child = Child.apply(self.m, "--no-wait")  # a previous run's stale lock must not block (exit 4)
         wanted = set(STAGES[first:])
         line = child.wait_line(lambda ln: bool(START_RE.match(ln)) and START_RE.match(ln).group(1) in wanted)
         if line is None:  # nothing of that was left to run: it finished
             assert child.finish() == 0, child.err()
-            return
+            return False
         time.sleep(fraction * self.ref.durations[START_RE.match(line).group(1)])
-        self._kill(child)
+        return self._kill(child)
 
-    def kill_during_startup(self, seconds: float) -> None:
+    def kill_during_startup(self, seconds: float) -> bool:
         child = Child.apply(self.m, "--no-wait")
         time.sleep(seconds)
-        self._kill(child)
+        return self._kill(child)
 
     def kill_at_commit(self, when: str, target: str) -> None:
         child = Child([sys.executable, "-c", _WRAPPER, str(self.m)], child_env(RB_KILL_WHEN=when, RB_KILL_FILE=target))
@@ -147,13 +147,15 @@ class Trial:
         else:  # a complete temp lock that was never renamed: ignored, then cleaned by the next run
             assert any(p.name.startswith(f".{target}.tmp-") for p in temp_files(self.root))
 
-    def _kill(self, child: Child) -> None:
+    def _kill(self, child: Child) -> bool:
+        """True if it died of the kill; False if it had already finished (successfully) by then."""
         if not child.kill9():
             assert child.proc.returncode == 0, child.err()
-            return
+            return False
         where = child.hit()
         self.kills.append(where)
         self.check_after_kill(where)
+        return True
 
 
 # Runs the real CLI in a child that SIGKILLs itself at an exact point of fsutil.atomic_write.
@@ -177,10 +179,14 @@ runpy.run_module("reidbuild.cli", run_name="__main__")
 
 def _timed_chain(trial: Trial, c: int, state: str, startup: bool) -> list[str]:
     trial.reset(state)
-    if startup:
-        trial.kill_during_startup(0.3 + 0.4 * c / len(TIMED_CHAINS))
-    for s in range(len(STAGES)):
-        trial.kill_at_stage(s, FRACTIONS[(c * 5 + s * 3) % len(FRACTIONS)])
+    attempts = [lambda: trial.kill_during_startup(0.3 + 0.4 * c / len(TIMED_CHAINS))] if startup else []
+    attempts += [lambda s=s: trial.kill_at_stage(s, FRACTIONS[(c * 5 + s * 3) % len(FRACTIONS)])
+                 for s in range(len(STAGES))]
+    for attempt in attempts:
+        if not attempt():  # the run finished before the kill: check that build, start over, try again
+            trial.finish_and_check()
+            trial.reset(state)
+            attempt()
     trial.finish_and_check()
     return trial.kills
 

@@ -51,6 +51,8 @@ MANIFESTS = {
     "unknown key with suggestion": (_replace("  width: 32\n", "  width: 32\n  interpolaton: bicubic\n"),
                                     "did you mean 'interpolation'"),
     "non-string key": (lambda r: _valid(r) + "1: one\n", "1"),
+    "key with a line break": (lambda r: _valid(r).replace("  width: 32\n", '  width: 32\n  "a\\nb": 1\n'),
+                              "input.'a\\nb': unknown key"),
     "complex key": (lambda r: _valid(r) + "? [a, b]\n: c\n", "plain scalars"),
     "wrong type: height string": (_replace("height: 64", "height: tall"), "input.height"),
     "wrong type: height float": (_replace("height: 64", "height: 64.5"), "input.height"),
@@ -193,10 +195,9 @@ def test_bad_image_is_one_line_exit_2_naming_the_file(project, case):
     m.write_text(m.read_text().replace("imgs/*.png", "imgs/*"))
     lock_before = (project.root / "m.lock").read_bytes()
     code, out, err = cli("apply", m)
-    line = assert_one_line_error(code, err, 2, fname)
+    assert_one_line_error(code, err, 2, fname)
     assert (project.root / "m.lock").read_bytes() == lock_before
     count("inputs: bad images refused")
-    del line
 
 
 def _odd_images(d: Path) -> list[str]:
