@@ -135,6 +135,16 @@ def assemble(lm: LoadedManifest) -> Assembly:
         return ParityCheck(name_, b.artifacts, lambda ctx, f=b.factory: f(ctx.artifact), profile,
                            available=b.available, output_transforms=b.output_transforms)
 
+    def fp32_or_precision_profile(b: str) -> dict:
+        tt = m.targets.tensorrt
+        if b == "tensorrt" and tt is not None and tt.mode != "fp32":
+            from ..precision.profiles import default_tolerance
+
+            return default_tolerance(f"onnx_{tt.mode}")
+        return fp32_profile(lm)
+
+    wanted = list(parity.backends) if parity is not None and images is not None else []
+    engine: Optional[Stage] = None
     if m.targets.tensorrt is not None:
         from ..backends import tensorrt as trt_backend
         from ..precision.profiles import default_tolerance
@@ -155,7 +165,6 @@ def assemble(lm: LoadedManifest) -> Assembly:
             if images is not None:
                 stages.append(parity_stage(lm, cfg, load_ref, check(key, default_tolerance(key)), images))
         engine = engine_stage(tt, engine_src, name)
-        stages.append(engine)
         engine_ref = ArtifactRef(engine.name, next(f for f in engine.outputs if f.endswith(".engine")))
 
         def trt_runner(resolve: Callable[[str], Path], f=engine_ref.file) -> Runner:
@@ -164,13 +173,13 @@ def assemble(lm: LoadedManifest) -> Assembly:
         backends["tensorrt"] = BackendBuild([engine_ref], trt_runner, available=trt_backend.available,
                                             output_transforms=onnx_transforms)
 
-    if parity is not None and images is not None:
-        for b in parity.backends:
-            if b == "tensorrt" and m.targets.tensorrt is not None and m.targets.tensorrt.mode != "fp32":
-                from ..precision.profiles import default_tolerance
-
-                profile = default_tolerance(f"onnx_{m.targets.tensorrt.mode}")
-            else:
-                profile = fp32_profile(lm)
-            stages.append(parity_stage(lm, cfg, load_ref, check(b, profile), images))
+    # every check this machine can do runs before the engine, which may be unavailable here (exit 3)
+    for b in wanted:
+        if b != "tensorrt":
+            stages.append(parity_stage(lm, cfg, load_ref, check(b, fp32_or_precision_profile(b)), images))
+    if engine is not None:
+        stages.append(engine)
+        if "tensorrt" in wanted:
+            stages.append(parity_stage(lm, cfg, load_ref, check("tensorrt", fp32_or_precision_profile("tensorrt")),
+                                       images))
     return Assembly(stages, backends)
