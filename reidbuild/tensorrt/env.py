@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-NOT_INSTALLED = ("TensorRT is not installed (the PyPI tensorrt wheels are placeholders that download from "
-                 "NVIDIA; install TensorRT 10+ from NVIDIA)")
+NOT_INSTALLED = ("TensorRT is not installed (no importable `tensorrt` module; install TensorRT 10+ with its "
+                 "Python bindings for your CUDA version, and a CUDA GPU is needed)")
 
 
 def import_tensorrt() -> Any:
