@@ -12,14 +12,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads wreck latency on small machines
 os.environ.setdefault("GLOG_minloglevel", "2")  # keep pycaffe quiet
 
 import click
 
-from .errors import CheckFailed, InputError, ReidbuildError
+from .errors import CheckFailed, ReidbuildError
 
 EXIT_OK, EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 6, 70, 130
 

@@ -304,14 +304,7 @@ def load_manifest(path: Path) -> LoadedManifest:
     import hashlib
 
     path = Path(path).absolute()
-    try:
-        doc = yamlio.load(path, "manifest")
-    except ManifestError:
-        raise
-    except Exception as exc:  # InputError from the reader: re-type as a manifest problem
-        raise ManifestError(str(exc)) from None
-    if not isinstance(doc.data, dict):
-        raise ManifestError(f"{path}:1:1: a manifest must be a mapping of keys (version, name, source, ...)")
+    doc = yamlio.load_mapping(path, "manifest", ManifestError, "version, name, source, input, output_dir, ...")
     try:
         model = Manifest.model_validate(doc.data)
     except ValidationError as exc:

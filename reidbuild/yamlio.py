@@ -126,6 +126,20 @@ def load(path: Path, what: str = "file") -> Document:
     return Document(path, data, builder.positions)
 
 
+def load_mapping(path: Path, what: str, error: type[InputError], keys: str) -> Document:
+    """``load`` for a file whose top level must be a mapping (manifests, patch files); every failure is
+    raised as ``error`` so callers keep their own error type."""
+    try:
+        doc = load(path, what)
+    except error:
+        raise
+    except InputError as exc:
+        raise error(exc.message) from None
+    if not isinstance(doc.data, dict):
+        raise error(f"{path}:1:1: a {what} must be a mapping with keys {keys}")
+    return doc
+
+
 def _check_depth(text: str, path: Path) -> None:
     """Refuse deep nesting and huge documents from the (iterative, streaming) event parser, before the
     recursive, slower composer sees them."""

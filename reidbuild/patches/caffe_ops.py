@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import NotExpressible, PatchError, StageFailed
 from . import spec
+from .opctx import OpContext
 
 # layer types that need learned blobs: a patch cannot insert them (it has no weights to give)
 WEIGHTED_TYPES = ("Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "Scale", "Bias", "PReLU", "Embed")
@@ -213,41 +214,16 @@ def select(cn: CaffeNet, sel: spec.Selector) -> list[CLayer]:
     return found
 
 
-class _OpCtx:
-    def __init__(self, lp: spec.LoadedPatch, index: int, what: str, input_shape: Optional[tuple[int, ...]]) -> None:
-        self.lp, self.index, self.what, self.input_shape = lp, index, what, input_shape
-        self.op = lp.model.ops[index]
-
-    @property
-    def label(self) -> str:
-        return self.lp.op_label(self.index)
-
-    def fail(self, msg: str) -> PatchError:
-        return PatchError(f"{self.label}: {msg}")
-
-    def no_match(self, sel: Optional[spec.Selector], extra: str = "") -> PatchError:
-        s = f"select {sel.describe()} matched no layer" if sel is not None else "matched nothing"
-        return self.fail(f"{s} in {self.what}{extra}; add 'optional: true' to the op if that is expected")
+class _OpCtx(OpContext):
+    noun = "layer"
 
 
 def _select_one(cn: CaffeNet, ctx: _OpCtx, sel: spec.Selector) -> Optional[CLayer]:
-    found = select(cn, sel)
-    if not found:
-        if ctx.op.optional:
-            return None
-        raise ctx.no_match(sel)
-    if len(found) > 1:
-        names = ", ".join(la.label() for la in found[:5]) + (", ..." if len(found) > 5 else "")
-        raise ctx.fail(f"select {sel.describe()} matched {len(found)} layers ({names}); {ctx.op.op} needs exactly "
-                       "one: narrow the selector")
-    return found[0]
+    return ctx.one(select(cn, sel), sel, lambda la: la.label())
 
 
 def _select_some(cn: CaffeNet, ctx: _OpCtx, sel: spec.Selector) -> list[CLayer]:
-    found = select(cn, sel)
-    if not found and not ctx.op.optional:
-        raise ctx.no_match(sel)
-    return found
+    return ctx.some(select(cn, sel), sel)
 
 
 def _fresh_blob(cn: CaffeNet, ctx: _OpCtx, name: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import PatchError, StageFailed
 from . import spec
+from .opctx import OpContext
 
 # --------------------------------------------------------------------------------------------- graph
 
@@ -230,43 +231,16 @@ def _label(n: Any) -> str:
     return f"{n.name or '(unnamed)'} [{n.op_type}]"
 
 
-class _OpCtx:
-    """What an op needs to report errors: the patch, the op index and the artifact under edit."""
-
-    def __init__(self, lp: spec.LoadedPatch, index: int, what: str) -> None:
-        self.lp, self.index, self.what = lp, index, what
-        self.op = lp.model.ops[index]
-
-    @property
-    def label(self) -> str:
-        return self.lp.op_label(self.index)
-
-    def fail(self, msg: str) -> PatchError:
-        return PatchError(f"{self.label}: {msg}")
-
-    def no_match(self, sel: Optional[spec.Selector], extra: str = "") -> PatchError:
-        s = f"select {sel.describe()} matched no node" if sel is not None else "matched nothing"
-        return self.fail(f"{s} in {self.what}{extra}; add 'optional: true' to the op if that is expected")
+class _OpCtx(OpContext):
+    noun = "node"
 
 
 def _select_one(g: OnnxGraph, ctx: _OpCtx, sel: spec.Selector) -> Optional[Any]:
-    found = select(g, sel)
-    if not found:
-        if ctx.op.optional:
-            return None
-        raise ctx.no_match(sel)
-    if len(found) > 1:
-        names = ", ".join(_label(n) for n in found[:5]) + (", ..." if len(found) > 5 else "")
-        raise ctx.fail(f"select {sel.describe()} matched {len(found)} nodes ({names}); {ctx.op.op} needs exactly "
-                       "one: narrow the selector")
-    return found[0]
+    return ctx.one(select(g, sel), sel, _label)
 
 
 def _select_some(g: OnnxGraph, ctx: _OpCtx, sel: spec.Selector) -> list[Any]:
-    found = select(g, sel)
-    if not found and not ctx.op.optional:
-        raise ctx.no_match(sel)
-    return found
+    return ctx.some(select(g, sel), sel)
 
 
 def _fresh(g: OnnxGraph, ctx: _OpCtx, name: str, what: str = "tensor") -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import yamlio
-from ..errors import InputError, PatchError
+from ..errors import PatchError
 from ..manifest import format_validation_error
 
 OUTPUT_TRANSFORMS = ("l2_normalize",)
@@ -329,15 +329,8 @@ def _semantic_checks(doc: yamlio.Document, pf: PatchFile) -> None:
 def load_patch(path: Path) -> LoadedPatch:
     """Read and validate one patch file; every failure is a PatchError naming ``file:line:column``."""
     path = Path(path).absolute()
-    try:
-        doc = yamlio.load(path, "patch file")
-    except PatchError:
-        raise
-    except InputError as exc:
-        raise PatchError(str(exc)) from None
-    if not isinstance(doc.data, dict):
-        raise PatchError(f"{path}:1:1: a patch file must be a mapping with keys format, ops (and optionally "
-                         "description, changes_output, changes_input)")
+    doc = yamlio.load_mapping(path, "patch file", PatchError,
+                              "format, ops (and optionally description, changes_output, changes_input)")
     _precheck_ops(doc)
     try:
         model = PatchFile.model_validate(doc.data)

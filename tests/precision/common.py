@@ -16,26 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.helpers import TINY_CONFIG
+
 REPO = Path(__file__).resolve().parents[2]
 TEST_IMAGES = sorted(p for p in (REPO / "test_data").iterdir() if p.is_file())
 HEIGHT, WIDTH = 256, 128
 SEED = 2
 
-R18_CONFIG = """\
-MODEL:
-  META_ARCHITECTURE: Baseline
-  BACKBONE:
-    NAME: build_resnet_backbone
-    DEPTH: 18x
-    LAST_STRIDE: 1
-    FEAT_DIM: 512
-    PRETRAIN: False
-  HEADS:
-    NAME: EmbeddingHead
-    POOL_LAYER: GlobalAvgPool
-    WITH_BNNECK: True
-    NECK_FEAT: before
-"""
+R18_CONFIG = TINY_CONFIG  # fast-reid bag-of-tricks R18, the demo architecture
 
 
 def demo_config(folder: Path) -> Path:
