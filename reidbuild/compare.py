@@ -103,6 +103,10 @@ def compare(reference: np.ndarray, actual: np.ndarray, tol: dict[str, Any]) -> C
         failures.append("the backend's features contain NaN/Inf")
     if not np.any(act) and np.any(ref):
         failures.append("the backend returned all zeros")
+    else:
+        zero_rows = [i for i in range(len(ref)) if not np.any(act[i]) and np.any(ref[i])]
+        if zero_rows:
+            failures.append(f"the backend returned all zeros for {len(zero_rows)} image(s) (first: #{zero_rows[0]})")
     diff = np.abs(act - ref)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(np.abs(ref) > 0, diff / np.abs(ref), np.where(diff > 0, np.inf, 0.0))

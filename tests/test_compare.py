@@ -67,3 +67,11 @@ def test_retrieval_needs_three_images():
     r = feats(n=2)
     c = compare(r, r, {"min_rank1": 0.9})
     assert not c.passed and "at least 3 images" in c.failures[0]
+
+
+def test_one_all_zero_image_fails_even_with_loose_tolerance():
+    r = feats()
+    a = r.copy()
+    a[2] = 0
+    c = compare(r, a, {"atol": 1e9})
+    assert not c.passed and "all zeros for 1 image(s) (first: #2)" in " ".join(c.failures)

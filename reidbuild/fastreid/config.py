@@ -257,30 +257,10 @@ def _read_with_base(path: Path, stack: tuple[Path, ...], origins: dict[str, str]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a fast-reid YAML config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: is not UTF-8 text, expected a fast-reid YAML config file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc.__class__.__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as exc:
-        mark = _mark(exc)
-        raise ConfigError(f"{path}{mark}: YAML tag not allowed by the safe loader ({_first_line(exc.problem)})") from None
-    except yaml.YAMLError as exc:
-        mark = _mark(exc)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}{mark}: invalid YAML ({_first_line(problem)})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: YAML is nested too deeply") from None
-    if not isinstance(data, dict):
-        kind = "empty" if data is None else f"a {type(data).__name__}"
-        raise ConfigError(f"{path}: config is {kind}, expected a mapping of fast-reid keys (MODEL, INPUT, ...)")
+    """The same hardened reader as manifests (safe loader, duplicate keys, size/alias/nesting limits)."""
+    from .. import yamlio
+
+    data = yamlio.load_mapping(path, "fast-reid config", ConfigError, "MODEL, INPUT, ...").data
     try:
         _check_plain(data, (), str(path))
     except RecursionError:

@@ -445,15 +445,16 @@ def test_pre_v03_config_is_recognised(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text, needle", [
     ("MODEL: [unclosed\n", "invalid YAML"),
-    ("", "empty"),
-    ("- MODEL\n- INPUT\n", "list"),
+    ("", "must be a mapping"),
+    ("- MODEL\n- INPUT\n", "must be a mapping"),
+    ("MODEL: {}\nMODEL: {}\n", "duplicate key 'MODEL'"),
     ("MODEL:\n  PIXEL_MEAN: [1, 2]\n", "MODEL.PIXEL_MEAN"),
     ("MODEL:\n  PIXEL_STD: [58.0, 0, 57.0]\n", "MODEL.PIXEL_STD"),
     ("INPUT:\n  SIZE_TEST: [256]\n", "INPUT.SIZE_TEST"),
     ("MODEL:\n  BACKBONE: 50x\n", "MODEL.BACKBONE"),
     ("MODEL:\n  WEIGHTS: 2021-01-01\n", "date"),
     ("1: x\n", "must be a string"),
-    ("a: &x [*x]\n", "itself"),
+    ("a: &x [*x]\n", "nesting deeper"),
     ("MODEL:\n  HEADS:\n    _BASE_: x.yml\n", "reserved"),
     ("_BASE_: [a.yml]\n", "_BASE_"),
 ])
@@ -468,7 +469,7 @@ def test_invalid_files_are_config_errors(tmp_path: Path, text: str, needle: str)
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yml")
-    with pytest.raises(ConfigError, match="directory"):
+    with pytest.raises(ConfigError, match="not a regular file"):
         load_config(tmp_path)
 
 
