@@ -21,8 +21,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .layers import BN_NORMS, LEGACY_POOL_NAMES, POOL_LAYERS
-from .resnet import DEPTHS
+from .catalog import BN_NORMS, DEPTHS, LEGACY_POOL_NAMES, POOL_NAMES
 
 BASE_KEY = "_BASE_"
 
@@ -117,7 +116,7 @@ def supported() -> dict[str, list[str]]:
         "MODEL.BACKBONE.LAST_STRIDE": [str(s) for s in LAST_STRIDES],
         "MODEL.HEADS.NAME": list(SUPPORTED_HEADS),
         "MODEL.HEADS.NORM": list(BN_NORMS),
-        "MODEL.HEADS.POOL_LAYER": list(POOL_LAYERS) + list(LEGACY_POOL_NAMES),
+        "MODEL.HEADS.POOL_LAYER": list(POOL_NAMES) + list(LEGACY_POOL_NAMES),
         "MODEL.HEADS.NECK_FEAT": list(NECK_FEATS),
     }
 

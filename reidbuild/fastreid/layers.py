@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .catalog import BN_NORMS, LEGACY_POOL_NAMES, POOL_NAMES
+
 # fast-reid's norm names that all reduce to a plain BatchNorm2d at inference.
 # BN and syncBN differ only in how training statistics are gathered; GhostBN (with
 # fast-reid >= v0.3's single split) evaluates with the running statistics like BN and
 # keeps the same buffer names.
-BN_NORMS: tuple[str, ...] = ("BN", "syncBN", "GhostBN")
 
 
 def make_norm(norm: str, channels: int) -> nn.BatchNorm2d:
@@ -184,18 +185,7 @@ POOL_LAYERS: dict[str, type[nn.Module]] = {
     "ClipGlobalAvgPool": ClipGlobalAvgPool,
 }
 
-# fast-reid v0.3-v1.0 spelled the pooling layers in lower case; their checkpoints use the
-# same parameter names as today's classes, so the old spellings are plain aliases.
-LEGACY_POOL_NAMES: dict[str, str] = {
-    "identity": "Identity",
-    "avgpool": "GlobalAvgPool",
-    "maxpool": "GlobalMaxPool",
-    "fastavgpool": "FastGlobalAvgPool",
-    "gempool": "GeneralizedMeanPooling",
-    "gempoolP": "GeneralizedMeanPoolingP",
-    "avgmaxpool": "AdaptiveAvgMaxPool",
-    "clipavgpool": "ClipGlobalAvgPool",
-}
+assert tuple(POOL_LAYERS) == POOL_NAMES, "catalog.POOL_NAMES must list the classes above"
 
 
 def make_pool(name: str) -> nn.Module:

@@ -8,33 +8,12 @@ Non-local blocks after the last blocks of a stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from .catalog import DEPTHS
 from .layers import IBN, NonLocal, SELayer, make_norm
 
-
-@dataclass(frozen=True)
-class DepthSpec:
-    """Per-depth layout facts from fast-reid's build_resnet_backbone."""
-
-    blocks: tuple[int, int, int, int]
-    non_local: tuple[int, int, int, int]
-    bottleneck: bool
-
-    @property
-    def feat_dim(self) -> int:
-        return 512 * (4 if self.bottleneck else 1)
-
-
-DEPTHS: dict[str, DepthSpec] = {
-    "18x": DepthSpec((2, 2, 2, 2), (0, 0, 0, 0), bottleneck=False),
-    "34x": DepthSpec((3, 4, 6, 3), (0, 0, 0, 0), bottleneck=False),
-    "50x": DepthSpec((3, 4, 6, 3), (0, 2, 3, 0), bottleneck=True),
-    "101x": DepthSpec((3, 4, 23, 3), (0, 2, 9, 0), bottleneck=True),
-}
 
 # fast-reid sizes the Non-local blocks for bottleneck widths regardless of block type.
 _NL_CHANNELS = (256, 512, 1024, 2048)
