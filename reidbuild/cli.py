@@ -186,8 +186,6 @@ def apply(manifest: str, as_json: bool, locked: bool, skip_unavailable: bool, fo
                     "skipped": outcome.skipped, "failed": outcome.failed, "drift": outcome.drift,
                     "timings": {k: round(v, 3) for k, v in outcome.timings.items()}, "seconds": round(total, 3),
                     "events": log})
-    if as_json:
-        pass
     elif not outcome.ran and not outcome.failed:
         click.echo(f"nothing to do: all {len(outcome.cached)} stages up to date ({total:.1f} s)")
     else:
@@ -207,9 +205,8 @@ def apply(manifest: str, as_json: bool, locked: bool, skip_unavailable: bool, fo
 @_guard
 def verify(manifest: str, as_json: bool) -> None:
     """Re-hash artifacts and inputs against the lock (exit 1 on any difference)."""
-    from .verify import verify_lock
-
     from .manifest import load_manifest
+    from .verify import verify_lock
 
     lm = load_manifest(Path(manifest))
     report = verify_lock(lm)
@@ -237,7 +234,6 @@ def verify(manifest: str, as_json: bool) -> None:
 def infer(manifest: str, backend: str, pattern: str, out: str, batch_size: int, as_json: bool) -> None:
     """Compute features with one backend's built artifacts; one .npy per image in OUTPUT."""
     from .infer import run_infer
-
     from .manifest import load_manifest
 
     lm = load_manifest(Path(manifest))

@@ -84,7 +84,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
         failed = None
         if not result.passed:
             failed = f"parity {check.check}: " + "; ".join(result.failures) + "\n" + result.table(names)
-        ctx.log(f"max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
+        ctx.log(f"{runner.describe().get('runtime', runner.name)}: max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
                 + (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}" if result.rank1 is not None else ""))
         return StageResult({}, record, failed)
 
