@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -82,3 +82,10 @@ def read(path: Path) -> Lock | None:
 
 def write(path: Path, lock: Lock) -> None:
     atomic_write(path.parent, path.name, lock.to_text().encode())
+
+
+def iter_artifacts(lock: Lock) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(stage, file name, entry) for every artifact the lock names, in a stable order."""
+    for sname, rec in sorted(lock.stages.items()):
+        for fname, entry in sorted(rec.outputs.items()):
+            yield sname, fname, entry

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from . import lockfile
 from .errors import CheckFailed, InputError, ReidbuildError, StageFailed, Unavailable
@@ -350,10 +350,12 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             if locked:
                 diffs = [f for f, e in out_entries.items()
                          if stage.reproducible and (rec_old is None or rec_old.outputs.get(f, {}).get("sha256") != e["sha256"])]
-                outcome.drift.extend(f"{stage.name}/{f}" for f in diffs)
-            if not locked or not outcome.drift:
-                for fname in stage.outputs:
-                    atomic_write(output_dir, fname, result.outputs[fname])
+                if diffs:  # stop here: later stages would only report the consequence
+                    outcome.drift.extend(f"{stage.name}/{f}" for f in diffs)
+                    raise CheckFailed(f"{lock_path}: --locked: rebuilt artifacts differ from the lock: "
+                                      + ", ".join(diffs) + f" (stage {stage.name}; not written)")
+            for fname in stage.outputs:
+                atomic_write(output_dir, fname, result.outputs[fname])
             status = "failed" if result.failed else "ok"
             outputs[stage.name] = out_entries
             if not locked:
@@ -376,9 +378,3 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
     if unavailable is not None:
         raise unavailable
     return outcome
-
-
-def iter_artifacts(lock: lockfile.Lock) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    for sname, rec in sorted(lock.stages.items()):
-        for fname, entry in sorted(rec.outputs.items()):
-            yield sname, fname, entry

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from reidbuild import lockfile
-from reidbuild.pipeline import iter_artifacts
+from reidbuild.lockfile import iter_artifacts
 from tests.helpers import tiny_manifest
 from tests.reliability._util import ARTIFACTS, STAGES, START_RE, Child, child_env, cli, count, sha, temp_files
 
