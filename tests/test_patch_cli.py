@@ -75,3 +75,27 @@ def test_patch_matching_nothing_is_exit_2_naming_file_and_op(tmp_path):
     m.write_text(m.read_text() + f"targets:\n  onnx:\n    patches: [{patch}]\n")
     code, out, err = cli("apply", str(m))
     assert code == 2 and "p.yml" in err and "no_such_node" in err
+
+
+def test_int8_calibration_and_parity_feed_a_uint8_patched_graph(tmp_path):
+    m = tiny_manifest(tmp_path)
+    patch = REPO / "graph_patches" / "onnx" / "uint8_bgr_input.yml"
+    m.write_text(m.read_text() + f"""targets:
+  onnx:
+    patches: [{patch}]
+  tensorrt:
+    mode: int8
+    batch_size: 2
+    calibration:
+      images: imgs/*.png
+      batches: 2
+""")
+    code, out, err = cli("apply", "--skip-unavailable", str(m))
+    assert code == 0, err
+    lock = lockfile.read(tmp_path / "m.lock")
+    int8 = onnx.load(tmp_path / "out" / "tiny.int8.onnx")
+    assert int8.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    rec = lock.stages["parity.onnx_int8"]
+    assert rec.status == "ok" and rec.record["min_cosine"] >= 0.99, rec.record
+    assert lock.stages["tensorrt.engine"].status == "skipped"

@@ -7,7 +7,7 @@ patch changed it). ``trt``/``cudart`` can be injected for tests with stand-ins.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -22,7 +22,7 @@ class TensorRTRunner:
     name = "tensorrt"
 
     def __init__(self, engine: Union[Path, str, bytes], *, device: int = 0, trt: Any = None,
-                 cudart: Any = None) -> None:
+                 cudart: Any = None, adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
         if trt is None or cudart is None:
             why = available()
             if why:
@@ -30,6 +30,7 @@ class TensorRTRunner:
         self.trt = trt or import_tensorrt()
         self.cudart = cudart or import_cudart()
         self.device = device
+        self.adapt = adapt  # standard float32 NCHW batch -> what the engine's input takes (graph patches)
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self.stream = None
         data = engine if isinstance(engine, bytes) else Path(engine).read_bytes()
@@ -91,6 +92,8 @@ class TensorRTRunner:
         self._buffers[name] = (int(ptr), int(nbytes))
 
     def _adapt(self, batch: np.ndarray) -> np.ndarray:
+        if self.adapt is not None:
+            return np.ascontiguousarray(self.adapt(batch), dtype=self.input_dtype)
         from .onnxruntime import adapt_input
 
         kind = {np.dtype(np.uint8): "tensor(uint8)", np.dtype(np.float16): "tensor(float16)"}.get(

@@ -190,7 +190,8 @@ def check_qdq_for_tensorrt(model: Any) -> None:
 
 def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", percentile: float = 99.999,
                   workdir: Path, log: Optional[Callable[[str], None]] = None,
-                  quantize_bias: bool = False) -> tuple[bytes, dict[str, Any]]:
+                  quantize_bias: bool = False,
+                  adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> tuple[bytes, dict[str, Any]]:
     """float32 ONNX bytes + calibration images (float32 [N,3,H,W] RGB 0..255) -> (Q/DQ ONNX bytes, record).
 
     ``images`` is an array or any sequence whose slices are such arrays (the precision stage passes one that
@@ -243,7 +244,8 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
         cal_opts.update(num_bins=ENTROPY_BINS, num_quantized_bins=ENTROPY_QUANT_BINS)
     elif method == "percentile":
         cal_opts.update(num_bins=PERCENTILE_BINS, percentile=float(percentile))
-    adapt = lambda b: adapt_input(b, in_type, shape)  # noqa: E731
+    if adapt is None:  # no graph-patch knowledge given: infer the feed from the input's declared type
+        adapt = lambda b: adapt_input(b, in_type, shape)  # noqa: E731
     ranges_path = workdir / "ranges.json"
     out_path = workdir / "int8.onnx"
     quiet = io.StringIO()

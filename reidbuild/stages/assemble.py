@@ -153,7 +153,10 @@ def assemble(lm: LoadedManifest) -> Assembly:
 
         tt = m.targets.tensorrt
         calib = lm.images("targets", "tensorrt", "calibration", "images") if tt.calibration else []
-        made = precision_stage(tt, final_onnx, name, calib, m.input)
+        from ..patches import adapt_input
+
+        made = precision_stage(tt, final_onnx, name, calib, m.input,
+                               adapt=lambda b: adapt_input(layout, b, m.input.color))
         engine_src = final_onnx
         if made is not None:
             st, engine_src = made
@@ -168,7 +171,9 @@ def assemble(lm: LoadedManifest) -> Assembly:
         engine_ref = ArtifactRef(engine.name, next(f for f in engine.outputs if f.endswith(".engine")))
 
         def trt_runner(resolve: Callable[[str], Path], f=engine_ref.file) -> Runner:
-            return trt_backend.TensorRTRunner(resolve(f))
+            from ..patches import adapt_input
+
+            return trt_backend.TensorRTRunner(resolve(f), adapt=lambda b: adapt_input(layout, b, m.input.color))
 
         backends["tensorrt"] = BackendBuild([engine_ref], trt_runner, available=trt_backend.available,
                                             output_transforms=onnx_transforms)

@@ -8,7 +8,7 @@ removing one re-runs the calibration; the record keeps the method, the images' d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from . import ArtifactRef
 TOOLS = ("onnx", "onnxruntime", "onnxconverter-common")
 
 
-def _smoke_test(data: bytes, inp: Input, what: str) -> None:
+def _smoke_test(data: bytes, inp: Input, what: str, adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
     """The artifact loads in onnxruntime and gives finite features on two pseudo-random images."""
     import onnxruntime as ort
 
@@ -32,7 +32,7 @@ def _smoke_test(data: bytes, inp: Input, what: str) -> None:
         i = sess.get_inputs()[0]
         shape = list(i.shape)
         feed = x if not isinstance(shape[0], int) or shape[0] == 2 else x[: shape[0]]
-        out = sess.run(None, {i.name: adapt_input(feed, i.type, shape)})[0]
+        out = sess.run(None, {i.name: adapt(feed) if adapt else adapt_input(feed, i.type, shape)})[0]
     except Exception as exc:
         raise StageFailed(f"{what}: onnxruntime cannot run the model: {str(exc).splitlines()[0]}") from None
     if not np.all(np.isfinite(np.asarray(out, dtype=np.float64))):
@@ -68,7 +68,8 @@ def calibration_inputs(target: TensorRTTarget, calib_paths: list[Path]) -> list[
 
 
 def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, calib_paths: list[Path],
-                    input: Input) -> Optional[tuple[Stage, ArtifactRef]]:  # noqa: A002 (manifest's name)
+                    input: Input,  # noqa: A002 (manifest's name)
+                    adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Optional[tuple[Stage, ArtifactRef]]:
     """The stage that writes ``<name>.fp16.onnx`` / ``<name>.int8.onnx`` from ``source``; None for fp32."""
     mode = target.mode
     if mode == "fp32":
@@ -79,7 +80,7 @@ def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, cali
 
         def run_fp16(ctx: StageContext) -> StageResult:
             data, record = fp16.convert_fp16(ctx.artifact(source.file).read_bytes())
-            _smoke_test(data, input, out)
+            _smoke_test(data, input, out, adapt)
             return StageResult({out: data}, record)
 
         stage = Stage(f"precision.{mode}", run_fp16,
@@ -107,8 +108,8 @@ def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, cali
         ctx.log(f"calibrating on {len(images)} image(s), method {cal.method}")
         data, record = int8.quantize_int8(ctx.artifact(source.file).read_bytes(), images, method=cal.method,
                                           percentile=cal.percentile, workdir=ctx.tempdir() / "int8",
-                                          log=ctx.log)
-        _smoke_test(data, input, out)
+                                          log=ctx.log, adapt=adapt)
+        _smoke_test(data, input, out, adapt)
         return StageResult({out: data}, record)
 
     stage = Stage(f"precision.{mode}", run_int8, params=params,
