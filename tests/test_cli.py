@@ -198,3 +198,24 @@ def test_schema_and_validate_commands(repo_manifest=REPO / "manifests" / "market
     assert code == 0 and json.loads(out)["title"] == "reidbuild manifest"
     code, out, err = cli("validate", str(repo_manifest))
     assert code == 0 and "valid" in out, err
+
+
+def test_verify_explains_an_engine_from_another_machine(built, tmp_path):
+    """An engine's bytes are not reproducible: a mismatch names the recorded TensorRT/GPU, not just a hash."""
+    root, _ = built
+    copy = tmp_path / "e"
+    shutil.copytree(root, copy)
+    lock_path = copy / "m.lock"
+    lock = lockfile.read(lock_path)
+    env = {"tensorrt": "11.4.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+           "cuda_runtime": "13.0", "cuda_driver": "13.0"}
+    (copy / "out" / "tiny.engine").write_bytes(b"engine bytes from this machine")
+    lock.stages["tensorrt.engine"] = lockfile.StageRecord(
+        fingerprint="x", status="ok",
+        outputs={"tiny.engine": {"path": "out/tiny.engine", "sha256": "0" * 64, "size": 3, "reproducible": False}},
+        record={"environment": env})
+    lockfile.write(lock_path, lock)
+    code, out, _ = cli("verify", str(copy / "m.yml"))
+    assert code == 1
+    line = next(x for x in out.splitlines() if "tiny.engine" in x)
+    assert "built with TensorRT 11.4.0 on NVIDIA H100 80GB HBM3" in line
