@@ -60,10 +60,10 @@ def bench(key: str) -> None:
 
         from reidbuild.backends.onnxruntime import OnnxRuntimeRunner
         from reidbuild.manifest import load_manifest
-        from reidbuild.stages.load import _model_cfg, build_torch_model
+        from reidbuild.stages.load import model_config, build_torch_model
 
         lm = load_manifest(manifest)
-        model = build_torch_model(lm, _model_cfg(lm))
+        model = build_torch_model(lm, model_config(lm))
         ort_runner = OnnxRuntimeRunner(lm.output_dir / f"{lm.model.name}.onnx")
         h, w = lm.model.input.height, lm.model.input.width
         torch.set_num_threads(os.cpu_count() or 1)

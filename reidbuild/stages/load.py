@@ -12,7 +12,7 @@ from . import ArtifactRef
 STAGE = "load"
 
 
-def _model_cfg(lm: LoadedManifest) -> dict[str, Any]:
+def model_config(lm: LoadedManifest) -> dict[str, Any]:
     from ..fastreid.config import load_config
 
     return load_config(lm.resolve(lm.model.source.config), dict(lm.model.source.opts))
@@ -53,7 +53,7 @@ def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
     """Validates the config now (plan time) so config errors surface before any work."""
     import numpy as np
 
-    cfg = _model_cfg(lm)
+    cfg = model_config(lm)
     src = lm.model.source
     inputs: dict[str, Path] = {"config": lm.resolve(src.config)}
     if isinstance(src.weights, RandomSource):
