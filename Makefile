@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/reidbuild apply manifests/demo.yml
 
-test: $(STAMP)
+# every test, Caffe parity on a real pycaffe included (built once, then cached)
+test: $(STAMP) pycaffe
 	$(BIN)/python -m pytest -q
 
 # a real CPU pycaffe (about 5 CPU-minutes the first time; cached outside the checkout afterwards, so fresh
