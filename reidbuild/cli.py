@@ -19,7 +19,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")  # keep pycaffe quiet
 
 import click
 
-from .errors import CheckFailed, ReidbuildError
+from .errors import CheckFailed, InputError, ReidbuildError
 
 EXIT_OK, EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 6, 70, 130
 
@@ -88,8 +88,18 @@ def main() -> None:
 @JSON
 @_guard
 def validate(manifest: str, as_json: bool) -> None:
-    """Validate the manifest and everything it names (config, patches, image globs); build nothing."""
+    """Validate the manifest and everything it names (config, checkpoint, patches, images); build nothing."""
+    from .fsutil import HashCache
+    from .pipeline import file_entry
+
     lm, stages = _load(manifest)
+    hashes = HashCache()
+    for stage in stages:  # every input file exists and is readable (checkpoint, config, patches, images)
+        for path in stage.inputs.values():
+            file_entry(path, lm.base, hashes)
+    out = lm.output_dir
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{lm.where('output_dir')}: output_dir {out} exists and is not a folder")
     if as_json:
         _emit_json({"manifest": str(lm.path), "valid": True, "stages": [s.name for s in stages]})
     else:

@@ -70,6 +70,7 @@ def read(path: Path) -> Lock | None:
             raise ValueError(f"expected a mapping with version: {LOCK_VERSION}")
         stages = {}
         for name, rec in (data.get("stages") or {}).items():
+            _check_record(name, rec)
             stages[name] = StageRecord(
                 fingerprint=str(rec["fingerprint"]), status=str(rec["status"]),
                 params=dict(rec.get("params") or {}), inputs=dict(rec.get("inputs") or {}),
@@ -78,6 +79,20 @@ def read(path: Path) -> Lock | None:
         return Lock(manifest=dict(data.get("manifest") or {}), stages=stages)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: lock file is corrupt ({exc}); delete it to rebuild from scratch") from None
+
+
+def _check_record(name: str, rec: Any) -> None:
+    """Refuse a hand-damaged stage entry here, so nothing downstream trips over it."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"stage {name} is not a mapping")
+    for section in ("inputs", "outputs"):
+        for key, entry in (rec.get(section) or {}).items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                    and isinstance(entry.get("path"), str)):
+                raise ValueError(f"stage {name}: {section}.{key} needs a path and a sha256")
+    for tool, version in (rec.get("tools") or {}).items():
+        if not isinstance(version, str):
+            raise ValueError(f"stage {name}: tools.{tool} must be a version string")
 
 
 def write(path: Path, lock: Lock) -> None:

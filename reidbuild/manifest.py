@@ -310,7 +310,11 @@ def load_manifest(path: Path) -> LoadedManifest:
     except ValidationError as exc:
         raise ManifestError(format_validation_error(doc, exc)) from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LoadedManifest(path=path, model=model, doc=doc, sha256=digest)
+    lm = LoadedManifest(path=path, model=model, doc=doc, sha256=digest)
+    if lm.lock_path == path:
+        raise ManifestError(f"{path}: a manifest may not end in .lock: its lock file ({lm.lock_path.name}) "
+                            "would overwrite it; rename it to .yml")
+    return lm
 
 
 def json_schema() -> str:

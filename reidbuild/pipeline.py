@@ -300,15 +300,18 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 outcome.cached.append(stage.name)
                 emit(Event("cached", stage.name, "up to date"))
                 continue
+            why_not = stage.available() if stage.available else None
             tampered = [r for r in reasons if r.startswith("artifact ") and r.endswith(" was modified")]
-            if locked and tampered and stage.reproducible:
+            if locked and tampered:
                 outcome.drift.extend(f"{stage.name}: {r}" for r in tampered)
                 raise CheckFailed(f"{lock_path}: --locked: {'; '.join(tampered)} (differs from the lock)")
-            if locked and (rec_old is None or rec_old.fingerprint != fp or tool_drift(rec_old)):
+            # a stage this machine cannot run (e.g. TensorRT on a CPU-only CI) is skipped, not compared:
+            # its fingerprint includes tool versions that only exist where it can run
+            if locked and not (why_not and skip_unavailable) and (
+                    rec_old is None or rec_old.fingerprint != fp or tool_drift(rec_old)):
                 why = "; ".join(planner.check(stage, fp, [])) or "fingerprint differs"
                 outcome.drift.append(f"{stage.name}: {why}")
                 raise CheckFailed(f"{lock_path}: --locked: stage {stage.name} differs from the lock ({why})")
-            why_not = stage.available() if stage.available else None
             if why_not:
                 if skip_unavailable:
                     skipped_names.add(stage.name)
@@ -377,4 +380,12 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
         lockfile.write(lock_path, new)
     if unavailable is not None:
         raise unavailable
+    if locked and old is not None:
+        gone = sorted(set(old.stages) - {s.name for s in stages})
+        if gone:
+            raise CheckFailed(f"{lock_path}: --locked: the lock has stages this manifest no longer builds: "
+                              f"{', '.join(gone)} (run apply to update the lock)")
+        if old.manifest.get("sha256") != manifest_entry.get("sha256"):
+            raise CheckFailed(f"{lock_path}: --locked: the manifest changed since the lock was written (no "
+                              "artifact is affected; run apply to update the lock)")
     return outcome

@@ -89,7 +89,8 @@ def _plan_problems(lm: LoadedManifest, lock: lockfile.Lock, hashes: HashCache) -
         plans = Planner(assemble(lm).stages, lock, lm.output_dir, lm.base, hashes).plan()
     except ReidbuildError as exc:
         return [f"cannot plan the build to check that the lock is complete: {exc.message.splitlines()[0]}"]
-    problems = []
+    problems = [f"stage {name} is in the lock but this manifest no longer builds it; run apply"
+                for name in sorted(set(lock.stages) - {p.stage.name for p in plans})]
     for p in plans:
         rec = lock.stages.get(p.stage.name)
         if rec is None:

@@ -193,7 +193,7 @@ def test_bad_input_is_one_line_with_exit_2_and_no_traceback(tmp_path, mutate, co
     assert not (tmp_path / "m.lock").exists()
 
 
-def test_schema_and_validate_commands(repo_manifest=REPO / "manifests" / "market1501_bagtricks_R50.yml"):
+def test_schema_and_validate_commands(repo_manifest=REPO / "manifests" / "demo.yml"):
     code, out, _ = cli("schema")
     assert code == 0 and json.loads(out)["title"] == "reidbuild manifest"
     code, out, err = cli("validate", str(repo_manifest))
@@ -219,3 +219,51 @@ def test_verify_explains_an_engine_from_another_machine(built, tmp_path):
     assert code == 1
     line = next(x for x in out.splitlines() if "tiny.engine" in x)
     assert "built with TensorRT 11.4.0 on NVIDIA H100 80GB HBM3" in line
+
+
+def test_locked_fails_on_a_manifest_only_edit_and_on_a_removed_target(built, tmp_path):
+    root, _ = built
+    copy = tmp_path / "l"
+    shutil.copytree(root, copy)
+    m = copy / "m.yml"
+    m.write_text(m.read_text() + "# a comment only\n")
+    code, out, err = cli("apply", "--locked", str(m))
+    assert code == 1 and "the manifest changed since the lock was written" in err
+    lock = lockfile.read(copy / "m.lock")
+    lock.stages["caffe.convert"] = lockfile.StageRecord(fingerprint="x", status="ok")
+    lockfile.write(copy / "m.lock", lock)
+    m.write_text(m.read_text().replace("# a comment only\n", ""))
+    code, out, err = cli("apply", "--locked", str(m))
+    assert code == 1 and "stages this manifest no longer builds: caffe.convert" in err
+    code, out, _ = cli("verify", str(m))
+    assert code == 1 and "caffe.convert is in the lock but this manifest no longer builds it" in out
+
+
+def test_a_manifest_named_like_its_lock_is_refused(tmp_path):
+    m = tiny_manifest(tmp_path)
+    bad = m.with_suffix(".lock")
+    m.rename(bad)
+    code, out, err = cli("validate", str(bad))
+    assert code == 2 and "may not end in .lock" in err
+    assert bad.read_text().startswith("version: 1")
+
+
+def test_validate_checks_the_files_the_manifest_names(tmp_path):
+    m = tiny_manifest(tmp_path, weights="nope.pth")
+    code, out, err = cli("validate", str(m))
+    assert code == 2 and "nope.pth" in err and "not found" in err
+
+
+def test_damaged_lock_entries_are_a_clear_error(built, tmp_path):
+    root, _ = built
+    copy = tmp_path / "d"
+    shutil.copytree(root, copy)
+    text = (copy / "m.lock").read_text()
+    import yaml
+
+    doc = yaml.safe_load(text)
+    doc["stages"]["onnx.export"]["outputs"]["tiny.export.onnx"] = "oops"
+    (copy / "m.lock").write_text(yaml.safe_dump(doc))
+    for cmd in ("apply", "plan", "verify"):
+        code, out, err = cli(cmd, str(copy / "m.yml"))
+        assert code == 2 and "lock file is corrupt" in err and "outputs.tiny.export.onnx" in err, (cmd, err)

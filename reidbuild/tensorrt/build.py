@@ -181,6 +181,12 @@ def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: O
         detail = "\n  ".join(logger.errors[-10:]) or "no error message from TensorRT"
         raise StageFailed(f"TensorRT could not build the engine:\n  {detail}")
     engine = bytes(memoryview(serialized))
+    if env is None:
+        try:
+            env = engine_env(trt)
+        except Exception as exc:  # a CUDA query failing after a successful build: say so, don't crash
+            raise StageFailed(f"cannot read the CUDA/GPU environment to record with the engine: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
     record = {
         "builder": "TensorRT build_serialized_network, strongly typed network",
@@ -192,6 +198,6 @@ def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: O
                     for i in range(int(network.num_outputs))],
         "layers": int(network.num_layers),
         "timing_cache": cache_state,
-        "environment": env if env is not None else engine_env(trt),
+        "environment": env,
     }
     return EngineBuild(engine, cache_bytes, record)
