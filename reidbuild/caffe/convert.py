@@ -806,7 +806,7 @@ class _Converter:
             raise self.refuse(f"padding {pads} not smaller than the kernel {k}")
         want = tuple(_torch_pool_size(d, kk, ss, p, ceil) for d, kk, ss, p in zip(s[2:], k, st, pads))
         caffe_ceil = True if self.dialect == "bvlc" else ceil
-        got = tuple(_caffe_pool_size(d, kk, ss, p, caffe_ceil, any(pads)) for d, kk, ss, p in zip(s[2:], k, st, pads))
+        got = tuple(caffe_pool_size(d, kk, ss, p, caffe_ceil, any(pads)) for d, kk, ss, p in zip(s[2:], k, st, pads))
         if any(g < w for g, w in zip(got, want)):
             raise self.refuse(f"Caffe would give a {list(got)} pooling output where ONNX gives {list(want)}")
         out = node.output[0]
@@ -1150,8 +1150,10 @@ def _torch_pool_size(d: int, k: int, s: int, p: int, ceil: bool) -> int:
     return o
 
 
-def _caffe_pool_size(d: int, k: int, s: int, p: int, ceil: bool, any_pad: bool) -> int:
-    """Output size as Caffe's PoolingLayer::Reshape computes it (float division, then ceil or floor)."""
+def caffe_pool_size(d: int, k: int, s: int, p: int, ceil: bool, any_pad: bool) -> int:
+    """Output size as Caffe's PoolingLayer::Reshape computes it (float division, then ceil or floor), including
+    its clip of a last window that would start in the padding, applied when either pad is non-zero (``any_pad``).
+    The one definition: the converter and the Caffe graph patches both use it."""
     q = np.float32(d + 2 * p - k) / np.float32(s)
     o = int(math.ceil(q) if ceil else math.floor(q)) + 1
     if any_pad and (o - 1) * s >= d + p:

@@ -122,8 +122,9 @@ def apply_caffe(prototxt: str, caffemodel: Optional[bytes], patches: Sequence[sp
             raise PatchError(f"{lp.where('format')}: format: this patch is for {lp.format} graphs, not Caffe")
         before = text
         ops = caffe_ops.apply_patch(cn, lp, what, input_shape)
-        if any(op.op == "convert_pooling_rounding" and op.to == "bvlc" for op in lp.model.ops):
-            extra = ("bvlc",)  # from here on the net must also read as stock BVLC Caffe
+        for op in lp.model.ops:  # after a conversion to bvlc the net must also read as stock BVLC Caffe
+            if op.op == "convert_pooling_rounding":
+                extra = ("bvlc",) if op.to == "bvlc" else ()
         try:
             net, text = caffe_ops.check_net(cn, what, input_shape, weighted, extra if dialect != "bvlc" else (),
                                             by_name)

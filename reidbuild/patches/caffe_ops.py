@@ -15,6 +15,7 @@ import math
 import re
 from typing import Any, Callable, Optional
 
+from ..caffe.convert import caffe_pool_size
 from ..errors import NotExpressible, PatchError, StageFailed
 from . import spec
 from .opctx import OpContext
@@ -389,6 +390,10 @@ def _remove_field(cn: CaffeNet, ctx: _OpCtx, op: spec.RemoveField) -> int:
             unknown = why
         if holder is not None and _has(holder, parts[-1]):
             having.append((la, holder))
+    if unknown and not any(_walk(schema().message_class("LayerParameter", d)(), parts, create=True)[1] is None
+                           for d in schema().DIALECTS):
+        # a typo, not a field of the other dialect: even an optional op must not silently skip it
+        raise ctx.fail(f"field {op.field} does not exist in any Caffe dialect ({unknown})")
     if not having and not op.optional:
         if not found:
             raise ctx.no_match(op.select)
@@ -537,16 +542,6 @@ def _pool_geometry(p: Any) -> tuple[int, int, int, int, int, int]:
     return kh, kw, sh, sw, ph, pw
 
 
-def pooled_size(size: int, k: int, s: int, pad: int, ceil: bool, any_pad: bool) -> int:
-    """Caffe's output size along one axis, including its 'last window starts inside the image' clip, which
-    PoolingLayer applies on both axes when either pad is non-zero (``any_pad``)."""
-    num = size + 2 * pad - k
-    out = (-(-num // s) if ceil else num // s) + 1
-    if any_pad and (out - 1) * s >= size + pad:
-        out -= 1
-    return out
-
-
 def _rounds_up(p: Any) -> bool:
     """True when this pooling layer rounds up (BVLC always; the fork unless ceil_mode: false)."""
     return not ("ceil_mode" in p.DESCRIPTOR.fields_by_name and p.HasField("ceil_mode") and not p.ceil_mode)
@@ -606,8 +601,8 @@ def layer_shapes(la: CLayer, ins: list[Optional[tuple[int, ...]]]) -> list[Optio
             return [(b0[0], b0[1], 1, 1)] * n_tops
         kh, kw, sh, sw, ph, pw = _pool_geometry(p)
         ceil = _rounds_up(p)
-        h = pooled_size(b0[2], kh, sh, ph, ceil, bool(ph or pw))
-        w = pooled_size(b0[3], kw, sw, pw, ceil, bool(ph or pw))
+        h = caffe_pool_size(b0[2], kh, sh, ph, ceil, bool(ph or pw))
+        w = caffe_pool_size(b0[3], kw, sw, pw, ceil, bool(ph or pw))
         if h < 1 or w < 1:
             raise ValueError(f"output would be {h}x{w}")
         return [(b0[0], b0[1], h, w)] * n_tops
@@ -736,8 +731,8 @@ def _convert_pooling(cn: CaffeNet, ctx: _OpCtx, op: spec.ConvertPoolingRounding)
                                  f"the input shape is unknown{unknown}")
         kh, kw, sh, sw, ph, pw = _pool_geometry(p)
         anyp = bool(ph or pw)
-        fh, fw = pooled_size(b0[2], kh, sh, ph, False, anyp), pooled_size(b0[3], kw, sw, pw, False, anyp)
-        ch, cw = pooled_size(b0[2], kh, sh, ph, True, anyp), pooled_size(b0[3], kw, sw, pw, True, anyp)
+        fh, fw = caffe_pool_size(b0[2], kh, sh, ph, False, anyp), caffe_pool_size(b0[3], kw, sw, pw, False, anyp)
+        ch, cw = caffe_pool_size(b0[2], kh, sh, ph, True, anyp), caffe_pool_size(b0[3], kw, sw, pw, True, anyp)
         p.ClearField("ceil_mode")
         if (fh, fw) == (ch, cw):
             continue
@@ -855,6 +850,17 @@ def _blob_shape(blob: Any) -> tuple[int, ...]:
     return tuple(d for d in (blob.num, blob.channels, blob.height, blob.width))
 
 
+def _same_shape(want: tuple[int, ...], have: tuple[int, ...], has_shape: bool) -> bool:
+    """Caffe's own rule (Blob::ShapeEquals): exact for shaped blobs; legacy 4-D blobs compare padded to 4-D.
+
+    Only the element count matching is not enough: Caffe aborts the whole process on a shape mismatch.
+    """
+    if has_shape:
+        return tuple(want) == tuple(have)
+    pad = lambda t: (1,) * (4 - len(t)) + tuple(t) if len(t) <= 4 else tuple(t)  # noqa: E731
+    return pad(want) == pad(have)
+
+
 def check_net(cn: CaffeNet, what: str, input_shape: Optional[tuple[int, ...]],
               weighted: set[str], extra_dialects: tuple[str, ...] = (),
               weights: Optional[dict[str, Any]] = None) -> tuple[Any, str]:
@@ -902,7 +908,9 @@ def check_net(cn: CaffeNet, what: str, input_shape: Optional[tuple[int, ...]],
             continue
         want = expected_blob_shapes(la, shapes.get(id(la.bottoms[0])) if la.bottoms else None)
         have = [_blob_shape(b) for b in src.blobs]
-        if want is not None and [math.prod(w) for w in want] != [math.prod(h) for h in have]:
+        if want is not None and not (len(want) == len(have)
+                                     and all(_same_shape(w, h, b.HasField("shape"))
+                                             for w, h, b in zip(want, have, src.blobs))):
             raise StageFailed(f"{what}: layer {la.label()} now needs weights of shape "
                               f"{', '.join(str(list(w)) for w in want)} but has {', '.join(str(list(h)) for h in have)}")
     return net, text

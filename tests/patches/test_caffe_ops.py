@@ -192,6 +192,31 @@ def test_weights_that_no_longer_fit_fail_the_check(tmp_path):
             """)
 
 
+def test_same_size_but_transposed_weights_fail_the_check(tmp_path):
+    """Caffe aborts the process on a blob shape mismatch, so equal element counts are not enough."""
+    with pytest.raises(StageFailed, match=r"layer fc \[InnerProduct\] now needs weights of shape \[180, 5\]"):
+        patch(tmp_path, """\
+            format: caffe
+            ops:
+              - op: set_field
+                select: {name: fc}
+                field: inner_product_param.transpose
+                value: true
+            """)
+
+
+def test_a_misspelt_field_fails_even_when_optional(tmp_path):
+    with pytest.raises(PatchError, match=r"pooling_param.ceil_mod does not exist in any Caffe dialect"):
+        patch(tmp_path, """\
+            format: caffe
+            ops:
+              - op: remove_field
+                select: {type: Pooling}
+                field: pooling_param.ceil_mod
+                optional: true
+            """)
+
+
 def test_inserting_a_weighted_layer_is_refused(tmp_path):
     with pytest.raises(PatchError, match="needs learned weights"):
         patch(tmp_path, """\
@@ -339,10 +364,14 @@ def test_caffe_diff(tmp_path):
     assert '-  name: "fc"\n+  name: "head"\n' in diffs[1][1] and "feat" not in diffs[1][1].replace(' "feat"', "")
 
 
-def test_pooled_size_agrees_with_the_converter():
-    """Both modules must compute Caffe's pooling output size the same way (clip rule included)."""
-    from reidbuild.caffe.convert import _caffe_pool_size
-    from reidbuild.patches.caffe_ops import pooled_size
+def test_caffe_pool_size_matches_integer_arithmetic():
+    """Caffe divides in float32; on every small geometry that must equal exact integer ceil/floor (+ clip)."""
+    from reidbuild.caffe.convert import caffe_pool_size
+
+    def exact(d, k, s, p, ceil, any_pad):
+        num = d + 2 * p - k
+        out = (-(-num // s) if ceil else num // s) + 1
+        return out - 1 if any_pad and (out - 1) * s >= d + p else out
 
     for d in range(1, 20):
         for k in range(1, 6):
@@ -352,7 +381,7 @@ def test_pooled_size_agrees_with_the_converter():
                         continue
                     for ceil in (False, True):
                         for any_pad in ({False, True} if p == 0 else {True}):
-                            assert pooled_size(d, k, s, p, ceil, any_pad) == _caffe_pool_size(d, k, s, p, ceil, any_pad)
+                            assert caffe_pool_size(d, k, s, p, ceil, any_pad) == exact(d, k, s, p, ceil, any_pad)
 
 
 def test_caffe_patches_apply_in_order(tmp_path):
