@@ -33,3 +33,21 @@ def test_demo_manifest_builds_and_passes_parity_on_caffe(tmp_path):
         assert runtime == "opencv"
         pytest.skip(f"Caffe parity ran on OpenCV's importer: {available('pycaffe')}")
     assert runtime == "pycaffe"  # the reference Caffe runtime verified the demo's artifacts
+
+
+@pytest.mark.parametrize("dialect", ["bvlc", "ceil_mode"])
+def test_odd_input_size_and_batch_3_prototxt_pass_caffe_parity(tmp_path, dialect):
+    """67x33 makes every stride-2 stage round; batch 3 in the prototxt with 5 images exercises chunking."""
+    from tests.helpers import tiny_manifest
+
+    m = tiny_manifest(tmp_path, height=67, width=33)
+    m.write_text(m.read_text().replace("backends: [onnxruntime]", "backends: [onnxruntime, caffe]")
+                 + f"targets:\n  caffe:\n    dialect: {dialect}\n    batch_size: 3\n")
+    r = CliRunner().invoke(main, ["apply", str(m)], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    rec = lockfile.read(tmp_path / "m.lock").stages["parity.caffe"]
+    assert rec.status == "ok" and rec.record["images"] == 5 and rec.record["max_abs"] < 1e-4
+    import re
+
+    dims = [int(d) for d in re.findall(r"dim: (\d+)", (tmp_path / "out" / "tiny.prototxt").read_text())[:4]]
+    assert dims == [3, 3, 67, 33]  # the input blob: N from targets.caffe.batch_size
