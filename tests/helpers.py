@@ -59,3 +59,22 @@ def tiny_manifest(root: Path, *, extra: str = "", backends: str = "[onnxruntime]
           images: {images}
           backends: {backends}
         """ + textwrap.dedent(extra))
+
+
+def tiny_model(root: Path, seed: int):
+    """The fast-reid model of ``tiny_manifest(root)``'s config, with seeded random weights."""
+    from reidbuild.fastreid.baseline import build_model
+    from reidbuild.fastreid.checkpoint import init_random
+    from reidbuild.fastreid.config import load_config
+
+    model = build_model(load_config(root / "cfg" / "config.yml"))
+    init_random(model, seed)
+    return model
+
+
+def write_checkpoint(model, path: Path, **kwargs) -> Path:
+    """``model`` saved in fast-reid's Checkpointer layout (model + optimizer + schedulers + epoch)."""
+    from reidbuild.fastreid.checkpoint import make_checkpoint
+
+    make_checkpoint(model, path, **kwargs)
+    return path

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from reidbuild import lockfile
 from reidbuild.cli import main
-from tests.helpers import tiny_manifest
+from tests.helpers import tiny_manifest, tiny_model, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,14 +151,9 @@ def test_parity_failure_exits_1_with_table_and_is_locked_as_failed(tmp_path):
 def test_checkpoint_in_fastreid_format_is_used(tmp_path):
     import torch
 
-    from reidbuild.fastreid.baseline import build_model
-    from reidbuild.fastreid.checkpoint import init_random, make_checkpoint
-    from reidbuild.fastreid.config import load_config
-
     m = tiny_manifest(tmp_path, weights="model_final.pth")
-    model = build_model(load_config(tmp_path / "cfg" / "config.yml"))
-    init_random(model, 123)
-    make_checkpoint(model, tmp_path / "model_final.pth")
+    model = tiny_model(tmp_path, 123)
+    write_checkpoint(model, tmp_path / "model_final.pth")
     assert {"model", "optimizer"} <= set(torch.load(tmp_path / "model_final.pth", weights_only=True))
     code, out, err = cli("apply", str(m))
     assert code == 0, err
@@ -169,8 +164,7 @@ def test_checkpoint_in_fastreid_format_is_used(tmp_path):
     np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model.eval()(x).detach().numpy(),
                                rtol=1e-3, atol=1e-4)
     # a replaced checkpoint re-runs the build and verify sees it before
-    init_random(model, 124)
-    make_checkpoint(model, tmp_path / "model_final.pth")
+    write_checkpoint(tiny_model(tmp_path, 124), tmp_path / "model_final.pth")
     code, out, _ = cli("verify", str(m))
     assert code == 1 and "input weights model_final.pth changed" in out
     code, out, err = cli("apply", str(m))

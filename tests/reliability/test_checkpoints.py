@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_manifest
+from tests.helpers import tiny_manifest, tiny_model, write_checkpoint
 from tests.reliability._util import assert_one_line_error, cli, count, run_cli
 
 
@@ -74,19 +74,11 @@ def test_code_carrying_pickle_is_refused_without_running_it(tmp_path, kind):
 
 
 def _model(tmp_path: Path):
-    from reidbuild.fastreid.baseline import build_model
-    from reidbuild.fastreid.checkpoint import init_random
-    from reidbuild.fastreid.config import load_config
-
-    model = build_model(load_config(tmp_path / "cfg" / "config.yml"))
-    init_random(model, 3)
-    return model
+    return tiny_model(tmp_path, 3)
 
 
 def _good(tmp_path: Path, path: Path, extras: bool = True) -> None:
-    from reidbuild.fastreid.checkpoint import make_checkpoint
-
-    make_checkpoint(_model(tmp_path), path, with_training_extras=extras)
+    write_checkpoint(_model(tmp_path), path, with_training_extras=extras)
 
 
 def _state(tmp_path: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, tiny_manifest
+from tests.helpers import REPO, tiny_manifest, tiny_model, write_checkpoint
 from tests.reliability._util import ARTIFACTS, cli, count, sha
 
 ARTIFACT_STAGE = {"tiny.fastreid.json": "load", "tiny.export.onnx": "onnx.export", "tiny.onnx": "onnx.simplify"}
@@ -83,18 +83,11 @@ def test_flipped_byte_with_a_stale_hash_cache_mtime(project):
 
 
 def test_replaced_checkpoint(tmp_path):
-    from reidbuild.fastreid.baseline import build_model
-    from reidbuild.fastreid.checkpoint import init_random, make_checkpoint
-    from reidbuild.fastreid.config import load_config
-
     m = tiny_manifest(tmp_path, weights="model_final.pth")
-    model = build_model(load_config(tmp_path / "cfg" / "config.yml"))
-    init_random(model, 7)
-    make_checkpoint(model, tmp_path / "model_final.pth")
+    write_checkpoint(tiny_model(tmp_path, 7), tmp_path / "model_final.pth")
     code, out, err = cli("apply", m)
     assert code == 0, err
-    init_random(model, 8)
-    make_checkpoint(model, tmp_path / "model_final.pth")  # same layout and size, other weights
+    write_checkpoint(tiny_model(tmp_path, 8), tmp_path / "model_final.pth")  # same layout and size, other weights
     code, out, _ = cli("verify", m)
     assert code == 1 and "input weights model_final.pth changed" in out
     _locked_refuses(tmp_path, m, "stage load differs from the lock")
