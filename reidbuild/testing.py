@@ -1,0 +1,99 @@
+"""Trained-like weights for tests and benchmarks.
+
+Seeded random weights with default BatchNorm statistics give tiny features that are nearly the same for every
+image, so a parity check run on them cannot tell a right export from a wrong one. A trained network differs in
+two ways that matter for deployment checks: its BatchNorm running statistics describe real activations (so
+every layer's output has a sensible scale), and its features separate images. ``make_trained_like`` gives a
+model both properties without training: seeded weights, then the BatchNorm statistics measured on images.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+
+def _seeded_init(model: "torch.nn.Module", seed: int) -> None:  # noqa: F821
+    """He-normal convolutions/linears and varied BatchNorm affines, all from one seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            weight = getattr(mod, "weight", None)
+            if not isinstance(weight, torch.nn.Parameter):
+                continue
+            if isinstance(mod, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                weight.copy_(torch.rand(weight.shape, generator=gen) * 0.8 + 0.6)
+                if getattr(mod, "bias", None) is not None and mod.bias.requires_grad:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.3 - 0.2)  # some channels off, as after training
+                continue
+            if weight.dim() < 2 or weight.numel() == 0:
+                continue
+            fan_in = weight[0].numel()
+            weight.copy_(torch.randn(weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.01)
+
+
+def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: int = 16) -> None:  # noqa: F821
+    """Replace every BatchNorm's running mean/var by the exact average over ``images`` (float32 NCHW 0..255).
+
+    ``momentum=None`` makes PyTorch keep a cumulative average, so the result does not depend on the batch order
+    beyond float rounding. Each layer is measured on inputs normalised by the layers before it, as in training;
+    the model is left in eval mode.
+    """
+    import torch
+
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()  # only the BatchNorms measure: fast-reid's heads want labels in train mode
+    for m in bns:
+        m.train()
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            if len(chunk) < 2:  # BatchNorm in train mode needs two samples
+                chunk = images[-2:]
+            model(torch.from_numpy(np.ascontiguousarray(chunk)))
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.eval()
+
+
+def make_trained_like(model: "torch.nn.Module", images: np.ndarray, seed: int = 0) -> "torch.nn.Module":  # noqa: F821
+    """Seeded weights plus BatchNorm statistics measured on ``images``; returns ``model`` in eval mode."""
+    _seeded_init(model, seed)
+    measure_bn_statistics(model, images)
+    return model
+
+
+def person_like_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """``count`` deterministic person-like images (float32 NCHW, 0..255): smooth backgrounds, a figure
+    in varied colours, mild sensor noise. Enough variety to measure BatchNorm statistics and to give each image
+    its own feature; written for tests and benchmarks, which may not download data."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = np.empty((count, 3, height, width), np.float32)
+    for i in range(count):
+        bg = rng.uniform(30, 220, 3)[:, None, None] + rng.uniform(-70, 70, 3)[:, None, None] * (y / height)
+        img = np.broadcast_to(bg, (3, height, width)).copy()
+        cx = width * rng.uniform(0.35, 0.65)
+        parts = [(0.08, 0.2, 0.10), (0.2, 0.55, 0.22), (0.55, 0.95, 0.16)]  # head, torso, legs
+        for top, bottom, half in parts:
+            colour = rng.uniform(0, 255, 3)[:, None]
+            mask = (y >= top * height) & (y < bottom * height) & (np.abs(x - cx) < half * width)
+            img[:, mask] = colour
+        img += rng.normal(0, 5, img.shape).astype(np.float32)
+        out[i] = np.clip(img, 0, 255)
+    return out
+
+
+def feature_cosines(features: Iterable[np.ndarray]) -> np.ndarray:
+    """Pairwise cosine similarity of row features: tests use it to prove that images get distinct features."""
+    feats = np.asarray(list(features), dtype=np.float64)
+    feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return feats @ feats.T
