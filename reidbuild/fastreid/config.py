@@ -21,15 +21,17 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .catalog import BN_NORMS, DEPTHS, LEGACY_POOL_NAMES, POOL_NAMES
+from .catalog import (BACKBONES, BN_NORMS, DEPTHS, LEGACY_POOL_NAMES, META_ARCHITECTURES, MGN_PARTS, POOL_NAMES,
+                      UNSUPPORTED_BACKBONES)
 
 BASE_KEY = "_BASE_"
 
-SUPPORTED_META_ARCHITECTURES: tuple[str, ...] = ("Baseline",)
-SUPPORTED_BACKBONES: tuple[str, ...] = ("build_resnet_backbone",)
+SUPPORTED_META_ARCHITECTURES: tuple[str, ...] = tuple(META_ARCHITECTURES)
+SUPPORTED_BACKBONES: tuple[str, ...] = tuple(BACKBONES)
 SUPPORTED_HEADS: tuple[str, ...] = ("EmbeddingHead",)
 NECK_FEATS: tuple[str, ...] = ("before", "after")
 LAST_STRIDES: tuple[int, ...] = (1, 2)
+PATCH = 16  # fast-reid's ViT patch size
 
 # fast-reid's defaults (fastreid/config/defaults.py, v1.x) for the MODEL section and the
 # input sizes.  Values are typed exactly as fast-reid types them, because yacs checks
@@ -111,7 +113,7 @@ def supported() -> dict[str, list[str]]:
     return {
         "MODEL.META_ARCHITECTURE": list(SUPPORTED_META_ARCHITECTURES),
         "MODEL.BACKBONE.NAME": list(SUPPORTED_BACKBONES),
-        "MODEL.BACKBONE.DEPTH": list(DEPTHS),
+        "MODEL.BACKBONE.DEPTH": list(dict.fromkeys(d for spec in BACKBONES.values() for d in spec.feat_dims)),
         "MODEL.BACKBONE.NORM": list(BN_NORMS),
         "MODEL.BACKBONE.LAST_STRIDE": [str(s) for s in LAST_STRIDES],
         "MODEL.HEADS.NAME": list(SUPPORTED_HEADS),
@@ -170,11 +172,17 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
             raise ConfigError(f"{where}: {prefix}.{key} must be an integer in [{minimum}, {maximum}], got {value!r}")
         return value
 
-    one_of(need(model, "MODEL", "META_ARCHITECTURE"), "MODEL.META_ARCHITECTURE", SUPPORTED_META_ARCHITECTURES)
-    one_of(need(backbone, "MODEL.BACKBONE", "NAME"), "MODEL.BACKBONE.NAME", SUPPORTED_BACKBONES)
+    meta = need(model, "MODEL", "META_ARCHITECTURE")
+    one_of(meta, "MODEL.META_ARCHITECTURE", SUPPORTED_META_ARCHITECTURES)
+    name = need(backbone, "MODEL.BACKBONE", "NAME")
+    if name in UNSUPPORTED_BACKBONES:
+        raise ConfigError(f"{where}: MODEL.BACKBONE.NAME={name!r} is a fast-reid backbone reidbuild does not build; "
+                          f"supported: {', '.join(SUPPORTED_BACKBONES)}")
+    one_of(name, "MODEL.BACKBONE.NAME", SUPPORTED_BACKBONES)
     one_of(need(heads, "MODEL.HEADS", "NAME"), "MODEL.HEADS.NAME", SUPPORTED_HEADS)
+    spec = BACKBONES[name]
     depth = need(backbone, "MODEL.BACKBONE", "DEPTH")
-    one_of(depth, "MODEL.BACKBONE.DEPTH", list(DEPTHS))
+    one_of(depth, "MODEL.BACKBONE.DEPTH", list(spec.feat_dims))
     stride = need(backbone, "MODEL.BACKBONE", "LAST_STRIDE")
     if type(stride) is not int:
         raise ConfigError(f"{where}: MODEL.BACKBONE.LAST_STRIDE must be 1 or 2, got {stride!r}")
@@ -183,12 +191,17 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
     for key in ("WITH_IBN", "WITH_SE", "WITH_NL"):
         flag(backbone, "MODEL.BACKBONE", key)
     feat_dim = count(backbone, "MODEL.BACKBONE", "FEAT_DIM", 1)
-    expected = DEPTHS[depth].feat_dim
+    expected = spec.feat_dims[depth]
     if feat_dim != expected:
         raise ConfigError(
-            f"{where}: MODEL.BACKBONE.FEAT_DIM={feat_dim} does not match the {depth} ResNet's "
+            f"{where}: MODEL.BACKBONE.FEAT_DIM={feat_dim} does not match the {depth} {name}'s "
             f"output width {expected}; fast-reid would build a head that cannot take it"
         )
+    if meta == "MGN" and not (name == "build_resnet_backbone" and DEPTHS[depth].bottleneck):
+        raise ConfigError(f"{where}: MODEL.META_ARCHITECTURE=MGN needs build_resnet_backbone with a bottleneck depth "
+                          f"(50x, 101x), as fast-reid's MGN copies ResNet bottleneck blocks; got {name} {depth}")
+    if name == "build_vit_backbone":
+        _check_vit(cfg, where)
 
     pool = need(heads, "MODEL.HEADS", "POOL_LAYER")
     if pool in ("Flatten", "flatten"):
@@ -217,6 +230,51 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
     if not (isinstance(size, (list, tuple)) and len(size) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         raise ConfigError(f"{where}: INPUT.SIZE_TEST must be [height, width] in positive integers, got {size!r}")
+
+
+def _check_vit(cfg: dict[str, Any], where: str) -> None:
+    """fast-reid sizes the ViT's patch grid and position embedding from INPUT.SIZE_TRAIN and STRIDE_SIZE."""
+    stride = cfg["MODEL"]["BACKBONE"].get("STRIDE_SIZE")
+    if not (isinstance(stride, (list, tuple)) and len(stride) == 2
+            and all(type(v) is int and 0 < v <= PATCH for v in stride)):
+        raise ConfigError(f"{where}: MODEL.BACKBONE.STRIDE_SIZE must be [y, x] integers in [1, {PATCH}], got {stride!r}")
+    size = _section(cfg, ("INPUT",), where).get("SIZE_TRAIN")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(type(v) is int and v >= PATCH for v in size)):
+        raise ConfigError(f"{where}: INPUT.SIZE_TRAIN must be [height, width] integers >= {PATCH} for the ViT "
+                          f"(its patch grid is sized from it), got {size!r}")
+
+
+def check_input_size(cfg: dict[str, Any], height: int, width: int, where: str) -> None:
+    """Refuse an input size the model's fixed structure cannot take, before anything is built.
+
+    ViT: fast-reid builds the patch grid and position embedding for INPUT.SIZE_TRAIN and refuses any other
+    input size at inference, so the deployed input must be that size. MGN: fast-reid cuts the part branches'
+    feature map into 2 and 3 stripes with ``torch.chunk``, which yields fewer stripes on maps under 5 rows
+    with some heights (e.g. 4 rows -> 2 + 2), so fast-reid's own forward fails there.
+    """
+    model = cfg["MODEL"]
+    if model["BACKBONE"]["NAME"] == "build_vit_backbone":
+        train = list(cfg["INPUT"]["SIZE_TRAIN"])
+        if [height, width] != train:
+            raise ConfigError(f"{where}: input {height}x{width} differs from INPUT.SIZE_TRAIN {train[0]}x{train[1]}, "
+                              "the only size fast-reid's ViT (patch grid, position embedding) accepts")
+    if model["META_ARCHITECTURE"] == "MGN":
+        rows = _resnet_rows(height)
+        for parts in MGN_PARTS:
+            step = -(-rows // parts)
+            if -(-rows // step) != parts:
+                raise ConfigError(f"{where}: input height {height} gives MGN a {rows}-row feature map that fast-reid "
+                                  f"cannot cut into {parts} stripes (its own forward fails too); any height >= 67 works")
+
+
+def _resnet_rows(height: int) -> int:
+    """Rows of the map MGN's part branches cut: fast-reid's ResNet stem (7x7/2 conv, ceil 3x3/2 pool), then two stride-2 stages."""
+    rows = (height + 2 * 3 - 7) // 2 + 1
+    rows = -(-(rows - 3) // 2) + 1
+    for _ in range(2):
+        rows = (rows + 2 - 3) // 2 + 1
+    return rows
 
 
 # --------------------------------------------------------------------------- reading
