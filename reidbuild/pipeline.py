@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import lockfile
-from .errors import CheckFailed, InputError, ReidbuildError, StageFailed, Unavailable
+from .errors import CheckFailed, InputError, NotExpressible, ReidbuildError, StageFailed, Unavailable
 from .fsutil import HashCache, atomic_write, clean_temp_files, ensure_dir, sha256_bytes
 
 # ----------------------------------------------------------------------------------------------- types
@@ -278,17 +278,20 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
     outputs: dict[str, dict[str, dict[str, Any]]] = {}
     skipped_names: set[str] = set()
     unavailable: Optional[Unavailable] = None
+    refused: dict[str, NotExpressible] = {}  # stages whose format cannot express the model (raised at the end)
     if locked and old is None:
         raise CheckFailed(f"{lock_path}: --locked given but there is no lock file; run apply without --locked first")
     try:
         for stage in stages:
             if any(d in skipped_names for d in stage.deps):
+                why = ("upstream stage was refused" if any(d in refused for d in stage.deps)
+                       else "upstream stage was skipped")
                 skipped_names.add(stage.name)
                 outcome.skipped.append(stage.name)
-                emit(Event("skip", stage.name, "upstream stage was skipped"))
+                emit(Event("skip", stage.name, why))
                 new.stages[stage.name] = lockfile.StageRecord(fingerprint="", status="skipped",
                                                               params=lockfile._plain(stage.params),
-                                                              record={"reason": "upstream stage was skipped"})
+                                                              record={"reason": why})
                 continue
             inputs = planner.inputs_of(stage)
             deps = planner.dep_hashes(stage, outputs) or {}
@@ -331,6 +334,17 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs)
             try:
                 result = stage.run(ctx)
+            except NotExpressible as exc:
+                # the target format cannot express this model: other targets of the manifest still build
+                refused[stage.name] = exc
+                skipped_names.add(stage.name)
+                emit(Event("fail", stage.name, exc.message, time.perf_counter() - t0))
+                if not locked:
+                    new.stages[stage.name] = lockfile.StageRecord(
+                        fingerprint=fp, status="refused", params=lockfile._plain(stage.params), inputs=inputs,
+                        record={"reason": exc.message}, tools=tool_versions(stage.tools))
+                    lockfile.write(lock_path, new)
+                continue
             except ReidbuildError:
                 raise
             except MemoryError:
@@ -380,6 +394,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
         lockfile.write(lock_path, new)
     if unavailable is not None:
         raise unavailable
+    if refused:
+        raise next(iter(refused.values()))
     if locked and old is not None:
         gone = sorted(set(old.stages) - {s.name for s in stages})
         if gone:

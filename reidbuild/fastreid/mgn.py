@@ -45,7 +45,7 @@ class MGN(nn.Module):
         conv5 = {"b1": resnet.layer4, "b2": _part_conv5(norm, with_se), "b3": _part_conv5(norm, with_se)}
         for branch in ("b1", "b2", "b3"):  # registration order = fast-reid's state_dict order
             self.add_module(branch, nn.Sequential(copy.deepcopy(conv4), conv5[branch]))
-            for name in sorted(h for h in HEADS if h.startswith(branch)):
+            for name in (h for h in HEADS if h.startswith(branch)):
                 self.add_module(name, make_head())
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False)
