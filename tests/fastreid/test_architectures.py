@@ -259,3 +259,48 @@ def test_input_sizes_the_architecture_cannot_take_are_refused(text: str, opts: d
 def test_mgn_needs_a_bottleneck_resnet(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="MGN needs build_resnet_backbone"):
         config(tmp_path, SBS, {"MODEL.META_ARCHITECTURE": "MGN", "MODEL.BACKBONE.NAME": "build_resnest_backbone"})
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+
+def test_vit_manifest_builds_onnx_with_parity_while_caffe_is_refused(folder: str, tmp_path: Path) -> None:
+    """targets onnx + caffe on a ViT: exit 5 with one line naming the layer, yet the ONNX model is built and
+    its onnxruntime parity ran and passed; the lock records the Caffe stage as refused."""
+    from click.testing import CliRunner
+
+    from reidbuild import lockfile
+    from reidbuild.cli import main
+    from tests.helpers import REPO, write
+
+    text, opts, h, w = FAMILIES["vit"]
+    ref, _, _, _ = built("vit", folder)
+    save_like_fastreid(ref, tmp_path / "model_final.pth")
+    body = textwrap.dedent(text).replace("DEPTH: base", "DEPTH: small").replace("[256, 128]", f"[{h}, {w}]")
+    write(tmp_path / "config.yml", body)
+    (tmp_path / "imgs").mkdir()
+    for src in sorted((REPO / "test_data").glob("*.png"))[:4]:
+        (tmp_path / "imgs" / src.name).write_bytes(src.read_bytes())
+    manifest = write(tmp_path / "m.yml", f"""\
+        version: 1
+        name: vit
+        source: {{format: fastreid, config: config.yml, weights: model_final.pth}}
+        input: {{height: {h}, width: {w}}}
+        output_dir: out
+        targets:
+          caffe: {{dialect: ceil_mode}}
+        parity:
+          images: imgs/*.png
+          backends: [onnxruntime, caffe]
+          rtol: 1.0e-3
+          atol: 1.0e-4
+        """)
+    result = CliRunner().invoke(main, ["apply", str(manifest)], catch_exceptions=False)
+    error_lines = [line for line in result.stderr.splitlines() if "not expressible" in line]
+    assert result.exit_code == 5, result.stdout + result.stderr
+    assert len(error_lines) >= 1 and "Caffe" in error_lines[-1]
+    lock = lockfile.read(tmp_path / "m.lock")
+    assert lock.stages["caffe.convert"].status == "refused"
+    assert lock.stages["parity.onnxruntime"].status == "ok"
+    assert lock.stages["parity.caffe"].status == "skipped"
+    assert (tmp_path / "out" / "vit.onnx").is_file()
