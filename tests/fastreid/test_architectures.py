@@ -126,10 +126,20 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("arch"))
 
 
+# key names the README quotes
+README_KEYS = {
+    "resnest": ("backbone.conv1.6.weight", "backbone.layer2.0.conv2.fc1.bias", "heads.pool_layer.p"),
+    "mgn": ("b2.1.0.downsample.0.weight", "b33_head.bottleneck.0.weight", "backbone.4.0.bn1.IN.weight"),
+    "vit": ("backbone.pos_embed", "backbone.blocks.7.attn.qkv.weight", "heads.bottleneck.0.running_var"),
+    "vehicle": ("backbone.NL_2.1.W.1.running_var", "backbone.layer3.5.bn1.IN.weight", "heads.bottleneck.0.weight"),
+}
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_same_keys_shapes_and_eval_output_as_fastreid(family: str, folder: str) -> None:
     ref, ours, images, expected = built(family, folder)
     assert list(inference_shapes(ours).items()) == list(inference_shapes(ref).items())
+    assert set(README_KEYS[family]) <= set(inference_shapes(ours))
     features = eval_features(ours, images)
     assert_close(features, expected, f"{family}: reidbuild vs fast-reid")
     # trained-like: different people get clearly different features
