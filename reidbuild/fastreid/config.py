@@ -21,8 +21,16 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .catalog import (BACKBONES, BN_NORMS, DEPTHS, LEGACY_POOL_NAMES, META_ARCHITECTURES, MGN_PARTS, POOL_NAMES,
-                      UNSUPPORTED_BACKBONES)
+from .catalog import (
+    BACKBONES,
+    BN_NORMS,
+    DEPTHS,
+    LEGACY_POOL_NAMES,
+    META_ARCHITECTURES,
+    MGN_PARTS,
+    POOL_NAMES,
+    UNSUPPORTED_BACKBONES,
+)
 
 BASE_KEY = "_BASE_"
 
@@ -146,51 +154,94 @@ def load_config(path: Path, opts: dict[str, Any] | None = None) -> dict[str, Any
 
 def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
     """Raise :class:`ConfigError` unless ``cfg`` describes a model reidbuild can build exactly."""
+    c = _Checker(where)
     model = _section(cfg, ("MODEL",), where)
-    backbone = _section(cfg, ("MODEL", "BACKBONE"), where)
     heads = _section(cfg, ("MODEL", "HEADS"), where)
+    _check_architecture(cfg, c)
 
-    def need(section: dict[str, Any], prefix: str, key: str) -> Any:
+    pool = c.need(heads, "MODEL.HEADS", "POOL_LAYER")
+    if pool in ("Flatten", "flatten"):
+        raise ConfigError(
+            f"{where}: MODEL.HEADS.POOL_LAYER={pool!r} is not supported (its feature size depends on the "
+            f"input size); supported: {', '.join(supported()['MODEL.HEADS.POOL_LAYER'])}"
+        )
+    c.one_of(pool, "MODEL.HEADS.POOL_LAYER", supported()["MODEL.HEADS.POOL_LAYER"])
+    c.count(heads, "MODEL.HEADS", "EMBEDDING_DIM", 0, 65536)
+    c.count(heads, "MODEL.HEADS", "NUM_CLASSES", 0)
+    if c.flag(heads, "MODEL.HEADS", "WITH_BNNECK"):
+        c.one_of(c.need(heads, "MODEL.HEADS", "NORM"), "MODEL.HEADS.NORM", BN_NORMS)
+    c.one_of(c.need(heads, "MODEL.HEADS", "NECK_FEAT"), "MODEL.HEADS.NECK_FEAT", NECK_FEATS)
+
+    for key, positive in (("PIXEL_MEAN", False), ("PIXEL_STD", True)):
+        value = c.need(model, "MODEL", key)
+        ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+            for v in value
+        )
+        if not ok:
+            what = "3 positive finite numbers" if positive else "3 finite numbers"
+            raise ConfigError(f"{where}: MODEL.{key} must be a list of {what} (R, G, B), got {value!r}")
+
+    size = c.need(_section(cfg, ("INPUT",), where), "INPUT", "SIZE_TEST")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ConfigError(f"{where}: INPUT.SIZE_TEST must be [height, width] in positive integers, got {size!r}")
+
+
+class _Checker:
+    """One-line ConfigErrors for a config file: a key missing, a value not allowed, of the wrong type."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def need(self, section: dict[str, Any], prefix: str, key: str) -> Any:
         if key not in section:
-            raise ConfigError(f"{where}: {prefix}.{key} is missing")
+            raise ConfigError(f"{self.where}: {prefix}.{key} is missing")
         return section[key]
 
-    def one_of(value: Any, key: str, allowed: tuple[Any, ...] | list[Any]) -> None:
+    def one_of(self, value: Any, key: str, allowed: tuple[Any, ...] | list[Any]) -> None:
         if value not in allowed:
             shown = ", ".join(str(a) for a in allowed)
-            raise ConfigError(f"{where}: {key}={value!r} is not supported; supported: {shown}")
+            raise ConfigError(f"{self.where}: {key}={value!r} is not supported; supported: {shown}")
 
-    def flag(section: dict[str, Any], prefix: str, key: str) -> bool:
-        value = need(section, prefix, key)
+    def flag(self, section: dict[str, Any], prefix: str, key: str) -> bool:
+        value = self.need(section, prefix, key)
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {prefix}.{key} must be true or false, got {value!r}")
+            raise ConfigError(f"{self.where}: {prefix}.{key} must be true or false, got {value!r}")
         return value
 
-    def count(section: dict[str, Any], prefix: str, key: str, minimum: int, maximum: int = 1 << 20) -> int:
-        value = need(section, prefix, key)
+    def count(self, section: dict[str, Any], prefix: str, key: str, minimum: int, maximum: int = 1 << 20) -> int:
+        value = self.need(section, prefix, key)
         if type(value) is not int or not minimum <= value <= maximum:
-            raise ConfigError(f"{where}: {prefix}.{key} must be an integer in [{minimum}, {maximum}], got {value!r}")
+            raise ConfigError(f"{self.where}: {prefix}.{key} must be an integer in [{minimum}, {maximum}], got {value!r}")
         return value
 
-    meta = need(model, "MODEL", "META_ARCHITECTURE")
-    one_of(meta, "MODEL.META_ARCHITECTURE", SUPPORTED_META_ARCHITECTURES)
-    name = need(backbone, "MODEL.BACKBONE", "NAME")
+
+def _check_architecture(cfg: dict[str, Any], c: _Checker) -> None:
+    """The meta-architecture and backbone must be registered (catalog) and their settings fit each other."""
+    where = c.where
+    model = _section(cfg, ("MODEL",), where)
+    backbone = _section(cfg, ("MODEL", "BACKBONE"), where)
+    meta = c.need(model, "MODEL", "META_ARCHITECTURE")
+    c.one_of(meta, "MODEL.META_ARCHITECTURE", SUPPORTED_META_ARCHITECTURES)
+    name = c.need(backbone, "MODEL.BACKBONE", "NAME")
     if name in UNSUPPORTED_BACKBONES:
         raise ConfigError(f"{where}: MODEL.BACKBONE.NAME={name!r} is a fast-reid backbone reidbuild does not build; "
                           f"supported: {', '.join(SUPPORTED_BACKBONES)}")
-    one_of(name, "MODEL.BACKBONE.NAME", SUPPORTED_BACKBONES)
-    one_of(need(heads, "MODEL.HEADS", "NAME"), "MODEL.HEADS.NAME", SUPPORTED_HEADS)
+    c.one_of(name, "MODEL.BACKBONE.NAME", SUPPORTED_BACKBONES)
+    c.one_of(c.need(_section(cfg, ("MODEL", "HEADS"), where), "MODEL.HEADS", "NAME"), "MODEL.HEADS.NAME",
+             SUPPORTED_HEADS)
     spec = BACKBONES[name]
-    depth = need(backbone, "MODEL.BACKBONE", "DEPTH")
-    one_of(depth, "MODEL.BACKBONE.DEPTH", list(spec.feat_dims))
-    stride = need(backbone, "MODEL.BACKBONE", "LAST_STRIDE")
+    depth = c.need(backbone, "MODEL.BACKBONE", "DEPTH")
+    c.one_of(depth, "MODEL.BACKBONE.DEPTH", list(spec.feat_dims))
+    stride = c.need(backbone, "MODEL.BACKBONE", "LAST_STRIDE")
     if type(stride) is not int:
         raise ConfigError(f"{where}: MODEL.BACKBONE.LAST_STRIDE must be 1 or 2, got {stride!r}")
-    one_of(stride, "MODEL.BACKBONE.LAST_STRIDE", LAST_STRIDES)
-    one_of(need(backbone, "MODEL.BACKBONE", "NORM"), "MODEL.BACKBONE.NORM", BN_NORMS)
+    c.one_of(stride, "MODEL.BACKBONE.LAST_STRIDE", LAST_STRIDES)
+    c.one_of(c.need(backbone, "MODEL.BACKBONE", "NORM"), "MODEL.BACKBONE.NORM", BN_NORMS)
     for key in ("WITH_IBN", "WITH_SE", "WITH_NL"):
-        flag(backbone, "MODEL.BACKBONE", key)
-    feat_dim = count(backbone, "MODEL.BACKBONE", "FEAT_DIM", 1)
+        c.flag(backbone, "MODEL.BACKBONE", key)
+    feat_dim = c.count(backbone, "MODEL.BACKBONE", "FEAT_DIM", 1)
     expected = spec.feat_dims[depth]
     if feat_dim != expected:
         raise ConfigError(
@@ -202,34 +253,6 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
                           f"(50x, 101x), as fast-reid's MGN copies ResNet bottleneck blocks; got {name} {depth}")
     if name == "build_vit_backbone":
         _check_vit(cfg, where)
-
-    pool = need(heads, "MODEL.HEADS", "POOL_LAYER")
-    if pool in ("Flatten", "flatten"):
-        raise ConfigError(
-            f"{where}: MODEL.HEADS.POOL_LAYER={pool!r} is not supported (its feature size depends on the "
-            f"input size); supported: {', '.join(supported()['MODEL.HEADS.POOL_LAYER'])}"
-        )
-    one_of(pool, "MODEL.HEADS.POOL_LAYER", supported()["MODEL.HEADS.POOL_LAYER"])
-    count(heads, "MODEL.HEADS", "EMBEDDING_DIM", 0, 65536)
-    count(heads, "MODEL.HEADS", "NUM_CLASSES", 0)
-    if flag(heads, "MODEL.HEADS", "WITH_BNNECK"):
-        one_of(need(heads, "MODEL.HEADS", "NORM"), "MODEL.HEADS.NORM", BN_NORMS)
-    one_of(need(heads, "MODEL.HEADS", "NECK_FEAT"), "MODEL.HEADS.NECK_FEAT", NECK_FEATS)
-
-    for key, positive in (("PIXEL_MEAN", False), ("PIXEL_STD", True)):
-        value = need(model, "MODEL", key)
-        ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
-            for v in value
-        )
-        if not ok:
-            what = "3 positive finite numbers" if positive else "3 finite numbers"
-            raise ConfigError(f"{where}: MODEL.{key} must be a list of {what} (R, G, B), got {value!r}")
-
-    size = need(_section(cfg, ("INPUT",), where), "INPUT", "SIZE_TEST")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-        raise ConfigError(f"{where}: INPUT.SIZE_TEST must be [height, width] in positive integers, got {size!r}")
 
 
 def _check_vit(cfg: dict[str, Any], where: str) -> None:

@@ -11,7 +11,8 @@ order b1, b2, b3, b21, b22, b31, b32, b33.  Non-local blocks are never part of f
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

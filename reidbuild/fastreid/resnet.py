@@ -16,7 +16,6 @@ from torch import nn
 from .catalog import DEPTHS
 from .layers import IBN, NonLocal, SELayer, make_norm
 
-
 # fast-reid sizes the Non-local blocks for bottleneck widths regardless of block type.
 _NL_CHANNELS = (256, 512, 1024, 2048)
 

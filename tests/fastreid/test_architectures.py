@@ -36,7 +36,12 @@ from reidbuild.fastreid.catalog import BACKBONES, RESNEST_DEPTHS, UNSUPPORTED_BA
 from reidbuild.fastreid.checkpoint import is_training_only
 from reidbuild.testing import feature_cosines, person_like_images
 from tests.caffe._util import DIALECTS, RUNTIMES, export, need, run_caffe, write_caffe
-from tests.fastreid.reference import eval_features, fastreid_model, save_like_fastreid, shapes
+from tests.fastreid.reference import (
+    eval_features,
+    fastreid_model,
+    save_like_fastreid,
+    shapes,
+)
 
 pytest.importorskip("fastreid", reason="fast-reid's own package is the reference (pip install --no-deps fastreid)")
 
@@ -107,7 +112,7 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     assert cos.min() >= MIN_COS, f"{what}: cosine {cos.min():.9f}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built(family: str, folder: str) -> tuple[torch.nn.Module, torch.nn.Module, np.ndarray, np.ndarray]:
     """(fast-reid's model, reidbuild's model loaded from fast-reid's checkpoint, images, fast-reid's features)."""
     text, opts, h, w = FAMILIES[family]
@@ -147,7 +152,7 @@ def test_same_keys_shapes_and_eval_output_as_fastreid(family: str, folder: str) 
     assert cos[np.triu_indices(len(cos), 1)].max() < 0.95
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exported(family: str, folder: str) -> Any:
     """The ONNX model reidbuild's export and simplify stages make of the family's model."""
     _, ours, images, _ = built(family, folder)
@@ -164,7 +169,7 @@ def test_onnx_export_matches_fastreid(family: str, folder: str) -> None:
     assert_close(session.run(None, {"input": images})[0], expected, f"{family}: onnxruntime vs fast-reid")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def converted(family: str, dialect: str, folder: str) -> tuple[Path, Path, str]:
     _, _, images, _ = built(family, folder)
     return write_caffe(Path(folder) / family, exported(family, folder), dialect, images.shape)
@@ -202,6 +207,18 @@ def test_resnest_depths_have_fastreids_keys_and_shapes(depth: str, tmp_path: Pat
     cfg = config(tmp_path, BAGTRICKS, {"MODEL.BACKBONE.NAME": "build_resnest_backbone", "MODEL.BACKBONE.DEPTH": depth,
                                        "MODEL.BACKBONE.LAST_STRIDE": 2})
     assert list(inference_shapes(build_model(cfg)).items()) == list(inference_shapes(fastreid_build(fastreid_cfg(cfg))).items())
+
+
+def test_resnest101_at_last_stride_2_gives_fastreids_output(tmp_path: Path) -> None:
+    """The 64-wide stem and the undilated, strided layer4 (the family test covers 50x at LAST_STRIDE 1);
+    200x/269x differ from 101x only in block counts, checked above."""
+    cfg = config(tmp_path, BAGTRICKS, {"MODEL.BACKBONE.NAME": "build_resnest_backbone", "MODEL.BACKBONE.DEPTH": "101x",
+                                       "MODEL.BACKBONE.LAST_STRIDE": 2})
+    ref = fastreid_model(cfg, 64, 32)
+    ours = build_model(cfg)
+    load_weights(ours, save_like_fastreid(ref, tmp_path / "model_final.pth"))
+    images = person_like_images(3, 64, 32, seed=7)
+    assert_close(eval_features(ours, images), eval_features(ref, images), "ResNeSt-101 LAST_STRIDE 2")
 
 
 def test_vit_base_has_fastreids_keys_and_shapes(tmp_path: Path) -> None:
@@ -283,7 +300,7 @@ def test_vit_manifest_builds_onnx_with_parity_while_caffe_is_refused(folder: str
     from reidbuild.cli import main
     from tests.helpers import REPO, write
 
-    text, opts, h, w = FAMILIES["vit"]
+    text, _, h, w = FAMILIES["vit"]
     ref, _, _, _ = built("vit", folder)
     save_like_fastreid(ref, tmp_path / "model_final.pth")
     body = textwrap.dedent(text).replace("DEPTH: base", "DEPTH: small").replace("[256, 128]", f"[{h}, {w}]")
