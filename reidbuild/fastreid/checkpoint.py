@@ -302,8 +302,8 @@ def make_checkpoint(model: nn.Module, path: Path, *, with_training_extras: bool 
 
     With ``with_training_extras`` the file is what fast-reid v1.x training leaves behind
     (``model_final.pth``): ``{"model", "optimizer", "lr_sched", "warmup_sched", "epoch",
-    "metric"}``, and the model dict also holds the classifier ``heads.weight``
-    [num_classes, D] next to the inference weights.  Without it: ``{"model": state_dict}``.
+    "metric"}``, and the model dict also holds each head's classifier (``heads.weight``, MGN's
+    ``b1_head.weight`` ..) [num_classes, D] next to the inference weights.  Without it: ``{"model": state_dict}``.
     """
     path = Path(path)
     state: OrderedDict[str, torch.Tensor] = OrderedDict(
@@ -312,23 +312,27 @@ def make_checkpoint(model: nn.Module, path: Path, *, with_training_extras: bool 
     data: dict[str, Any]
     if with_training_extras:
         classes = num_classes if num_classes is not None else (getattr(model, "num_classes", 0) or 751)
-        feature_dim = int(getattr(model, "feature_dim"))
-        gen = torch.Generator().manual_seed(_derived_seed(seed, "heads.weight"))
-        classifier = torch.empty(classes, feature_dim).normal_(0.0, 0.01, generator=gen)
-        state = _insert_before_prefix(state, "heads.", "heads.weight", classifier)
-        param_keys = [k for k, v in model.named_parameters()]
+        from .head import EmbeddingHead
+
+        # one classifier per head (Baseline: ``heads``; MGN: ``b1_head`` .. ``b33_head``), before its children
+        heads = [(name, mod.out_dim) for name, mod in model.named_modules() if isinstance(mod, EmbeddingHead)]
+        for name, width in heads:
+            gen = torch.Generator().manual_seed(_derived_seed(seed, f"{name}.weight"))
+            classifier = torch.empty(classes, width).normal_(0.0, 0.01, generator=gen)
+            state = _insert_before_prefix(state, f"{name}.", f"{name}.weight", classifier)
+        groups = len(list(model.named_parameters())) + len(heads)
         data = {
             "model": state,
-            "optimizer": _adam_state(model, len(param_keys) + 1),
+            "optimizer": _adam_state(model, groups),
             "lr_sched": {
-                "T_max": 110, "eta_min": 7.7e-7, "base_lrs": [3.5e-4] * (len(param_keys) + 1),
+                "T_max": 110, "eta_min": 7.7e-7, "base_lrs": [3.5e-4] * groups,
                 "last_epoch": 110, "_step_count": 111, "_get_lr_called_within_step": False,
-                "_last_lr": [7.7e-7] * (len(param_keys) + 1),
+                "_last_lr": [7.7e-7] * groups,
             },
             "warmup_sched": {
                 "warmup_factor": 0.1, "warmup_iters": 2000, "warmup_method": "linear",
-                "base_lrs": [3.5e-4] * (len(param_keys) + 1), "last_epoch": 2000, "_step_count": 2001,
-                "_get_lr_called_within_step": False, "_last_lr": [3.5e-4] * (len(param_keys) + 1),
+                "base_lrs": [3.5e-4] * groups, "last_epoch": 2000, "_step_count": 2001,
+                "_get_lr_called_within_step": False, "_last_lr": [3.5e-4] * groups,
             },
             "epoch": 119,
             "metric": 0.8765,

@@ -331,3 +331,7 @@ def test_vit_manifest_builds_onnx_with_parity_while_caffe_is_refused(folder: str
     assert lock.stages["parity.onnxruntime"].status == "ok"
     assert lock.stages["parity.caffe"].status == "skipped"
     assert (tmp_path / "out" / "vit.onnx").is_file()
+    # an input size the ViT cannot take is refused before anything is built
+    wrong = write(tmp_path / "wrong.yml", manifest.read_text().replace(f"height: {h}", f"height: {2 * h}"))
+    result = CliRunner().invoke(main, ["apply", str(wrong)], catch_exceptions=False)
+    assert result.exit_code == 2 and "differs from INPUT.SIZE_TRAIN" in result.stderr
