@@ -40,7 +40,7 @@ def _storage_options(url: str) -> dict[str, Any]:
     endpoint come from the usual places boto reads (environment, ~/.aws profiles, instance roles)."""
     if url.startswith(("s3://", "s3a://")):
         return {"config_kwargs": {"connect_timeout": 3, "read_timeout": 30, "retries": {"max_attempts": 2}},
-                "retries": 2, "skip_instance_cache": True}
+                "skip_instance_cache": True}
     return {"skip_instance_cache": True}
 
 
@@ -97,8 +97,8 @@ class Store:
             return None
         try:
             return fn()
-        except FileNotFoundError:
-            raise
+        except (FileNotFoundError, TypeError, AttributeError, NameError):
+            raise  # an answer (absent), or a bug here, not an unreachable cache
         except Exception as exc:  # noqa: BLE001 - third-party storage errors have no common base
             self._unreachable(what, exc, emit)
             return None
