@@ -139,6 +139,11 @@ def _rel(path: Path, base: Path, follow: bool = True) -> str:
         return os.path.relpath(path, base.resolve())
 
 
+def stage_inputs(stage: Stage, base: Path, hashes: HashCache) -> dict[str, dict[str, Any]]:
+    """Role -> {path, sha256, size} of the stage's external input files (what its context is given)."""
+    return {role: file_entry(p, base, hashes) for role, p in sorted(stage.inputs.items())}
+
+
 class Planner:
     """Computes fingerprints and stale reasons against a lock, stage by stage, in order."""
 
@@ -156,7 +161,7 @@ class Planner:
                     raise ValueError(f"stage {s.name} depends on {d}, which does not run before it")
 
     def inputs_of(self, stage: Stage) -> dict[str, dict[str, Any]]:
-        return {role: file_entry(p, self.base, self.hashes) for role, p in sorted(stage.inputs.items())}
+        return stage_inputs(stage, self.base, self.hashes)
 
     def dep_hashes(self, stage: Stage, outputs: dict[str, dict[str, dict[str, Any]]]) -> Optional[dict[str, str]]:
         deps: dict[str, str] = {}

@@ -65,8 +65,8 @@ def run_stage(manifest: str, name: str, fingerprint: str, upstream: dict[str, st
                 raise StageFailed(f"stage {name}: upstream artifacts not in the cache: {'; '.join(store.problems)}")
             for fname, blob in data.items():
                 atomic_write(Path(tmp), fname, blob)
-            planner = pipeline.Planner([stage], None, Path(tmp), lm.base, HashCache())
-            ctx = pipeline.StageContext(Path(tmp), {}, logs.append, planner.inputs_of(stage))
+            inputs = pipeline.stage_inputs(stage, lm.base, HashCache())
+            ctx = pipeline.StageContext(Path(tmp), {}, logs.append, inputs)
             result = stage.run(ctx)
             # an engine's key names this node's GPU and TensorRT: only here can its entry be written
             key = store.action_key(stage, fingerprint)
@@ -111,7 +111,10 @@ class RayRunner:
         upstream = {f: e["sha256"] for f, e in committed.items()}
         ref = self._run.options(**self._options(stage)).remote(self.manifest, stage.name, fingerprint, upstream,
                                                                self.store.url)
-        answer = self.ray.get(ref)
+        try:
+            answer = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:  # a bug or crash in the task: report its own error
+            raise (exc.cause if isinstance(exc.cause, BaseException) else exc) from None
         self.placement[stage.name] = answer["node"]
         if "error" in answer:
             kind, message = answer["error"]
