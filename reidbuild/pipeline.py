@@ -29,6 +29,7 @@ class StageResult:
     outputs: dict[str, bytes] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     failed: Optional[str] = None  # a check stage sets this: recorded as failed, apply exits 1
+    sha256: dict[str, str] = field(default_factory=dict)  # outputs' hashes already checked (restored from cache)
 
 
 @dataclass
@@ -410,7 +411,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 data = result.outputs[fname]
                 # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
                 out_entries[fname] = {"path": _rel(output_dir.resolve() / fname, base, follow=False),
-                                      "sha256": sha256_bytes(data),
+                                      "sha256": result.sha256.get(fname) or sha256_bytes(data),
                                       "size": len(data)}
                 if not stage.reproducible:
                     out_entries[fname]["reproducible"] = False

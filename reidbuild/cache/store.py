@@ -172,7 +172,8 @@ class Store:
         data = self.fetch_blobs({f: e["sha256"] for f, e in files.items()}, stage.name, emit)
         if data is None:
             return None
-        return StageResult(outputs=data, record=dict(entry["record"]))
+        return StageResult(outputs=data, record=dict(entry["record"]),
+                           sha256={f: e["sha256"] for f, e in files.items()})
 
     def _problem(self, message: str, emit: Optional[Emit]) -> None:
         self.problems.append(message)
