@@ -19,7 +19,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")  # keep pycaffe quiet
 
 import click
 
-from .errors import CheckFailed, InputError, ReidbuildError
+from .errors import CheckFailed, InputError
 
 EXIT_OK, EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 6, 70, 130
 
@@ -173,7 +173,7 @@ def _fleet_printer(label: str) -> Callable[[Any], None]:
 
 
 @main.command()
-@click.argument("manifests", nargs=-1, required=True)
+@click.argument("manifests", nargs=-1)
 @JSON
 @click.option("--locked", is_flag=True, help="CI mode: fail if any artifact would differ from the lock; never rewrite it.")
 @click.option("--skip-unavailable", is_flag=True, help="Record stages whose backend is missing here as skipped.")
@@ -199,6 +199,10 @@ def apply(manifests: tuple[str, ...], as_json: bool, locked: bool, skip_unavaila
     """
     from . import fleet
 
+    if ray_address is not None and (ray_address.endswith((".yml", ".yaml")) or Path(ray_address).exists()):
+        manifests, ray_address = (ray_address, *manifests), "auto"  # `--ray m.yml`: a manifest, not an address
+    if not manifests:
+        raise click.UsageError("give at least one manifest (a file, a folder or a glob)")
     opts = fleet.ApplyOptions(locked=locked, skip_unavailable=skip_unavailable, force=force, wait=wait,
                               cache=cache_url or None, cache_required=cache_required, cache_push=cache_push)
     one = manifests[0]
@@ -314,7 +318,7 @@ def cache_ls(cache_url: str, as_json: bool) -> None:
     """List the action entries: key, stage, files, size and when each was pushed."""
     from .cache import open_store
 
-    store = open_store(cache_url, required=True)
+    store = open_store(cache_url, required=True, why_required="cache ls needs to read it")
     rows = [{"key": e.key, "stage": e.stage, "files": sorted(e.files), "bytes": e.size,
              "pushed": e.modified.isoformat(timespec="seconds")} for e in store.entries()]
     if as_json:
@@ -334,7 +338,7 @@ def cache_gc(cache_url: str, keep_days: float, as_json: bool) -> None:
     """Drop old action entries, then the blobs no remaining entry names."""
     from .cache import open_store
 
-    entries, blobs, freed = open_store(cache_url, required=True).gc(keep_days)
+    entries, blobs, freed = open_store(cache_url, required=True, why_required="cache gc needs it").gc(keep_days)
     if as_json:
         _emit_json({"cache": cache_url, "entries_removed": entries, "blobs_removed": blobs, "bytes_freed": freed})
     else:

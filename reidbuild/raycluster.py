@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import errors, pipeline
-from .fleet import ApplyOptions, ManifestResult, apply_one_safely, label, open_cache, run_threads
+from .fleet import ApplyOptions, ManifestResult, apply_one_safely, label, run_threads
 from .errors import InputError, StageFailed, Unavailable
 
 Emit = Callable[[pipeline.Event], None]
@@ -39,6 +39,13 @@ def _stage_named(manifest: str, name: str) -> tuple[Any, pipeline.Stage]:
     raise InputError(f"{manifest}: no stage {name} (the manifest changed during the build?)")
 
 
+def _ray_store(url: str) -> Any:
+    """The cache as Ray tasks and the driver use it: required, since it is how artifacts travel."""
+    from .cache import open_store
+
+    return open_store(url, required=True, why_required="--ray carries artifacts between nodes through it")
+
+
 def _node_id() -> str:
     import ray  # noqa: PLC0415
 
@@ -57,7 +64,7 @@ def run_stage(manifest: str, name: str, fingerprint: str, upstream: dict[str, st
 
     try:
         lm, stage = _stage_named(manifest, name)
-        store = open_cache(ApplyOptions(cache=cache_url, cache_required=True))
+        store = _ray_store(cache_url)
         logs: list[str] = []
         with tempfile.TemporaryDirectory(prefix="reidbuild-ray-") as tmp:
             data = store.fetch_blobs(upstream, name, None)
@@ -140,7 +147,7 @@ def run_on_ray(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], 
              log_to_driver=False, ignore_reinit_error=True)
     try:
         def one(p: Path) -> ManifestResult:
-            runner = RayRunner(ray, p, open_cache(ApplyOptions(cache=opts.cache, cache_required=True)))
+            runner = RayRunner(ray, p, _ray_store(opts.cache))
             result = apply_one_safely(p, opts, emit_for(label(p)), runner)
             result.placement = dict(runner.placement)
             return result

@@ -44,15 +44,21 @@ def _storage_options(url: str) -> dict[str, Any]:
     return {"skip_instance_cache": True}
 
 
-def open_store(url: str, *, required: bool = False, push: bool = True) -> "Store":
-    """A store for ``url``; an unknown scheme or a missing storage library is an InputError (exit 2)."""
+def open_store(url: str, *, required: bool = False, push: bool = True,
+               why_required: str = "--cache-required was given") -> "Store":
+    """A store for ``url``; an unknown scheme or a missing storage library is an InputError (exit 2).
+
+    ``required``: a cache that cannot be reached raises Unavailable (exit 3, ending with ``why_required``)
+    instead of a warning and a local build."""
     import fsspec
 
     try:
         fs, root = fsspec.core.url_to_fs(url, **_storage_options(url))
     except (ImportError, ValueError) as exc:
         raise InputError(f"--cache {url}: cannot open this cache URL: {exc}") from None
-    return Store(url, fs, root.rstrip("/"), required=required, push=push)
+    store = Store(url, fs, root.rstrip("/"), required=required, push=push)
+    store.why_required = why_required
+    return store
 
 
 class Store:
@@ -67,6 +73,7 @@ class Store:
         self.down: Optional[str] = None  # why the cache was given up on for this run
         self.problems: list[str] = []  # what went wrong, for the run's summary
         self._bad_blobs: set[str] = set()
+        self.why_required = "--cache-required was given"
         self._local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
     # ---------------------------------------------------------------------------------------- layout
@@ -83,7 +90,7 @@ class Store:
         """Give up on the cache for this run (warn once), or raise when it is required."""
         why = f"cache {self.url} unreachable ({what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         if self.required:
-            raise Unavailable(f"{why}; --cache-required was given") from None
+            raise Unavailable(f"{why}; {self.why_required}") from None
         if self.down is None:
             self.down = why
             self.problems.append(why)
@@ -234,12 +241,13 @@ class Store:
 
     def _listing(self, sub: str) -> dict[str, dict[str, Any]]:
         try:
-            return self.fs.find(f"{self.root}/{sub}", detail=True)
+            return self._call("listing", lambda: self.fs.find(f"{self.root}/{sub}", detail=True), None) or {}
         except FileNotFoundError:
             return {}
 
     def entries(self) -> Iterator[EntryInfo]:
-        """Every action entry (for ``cache ls`` and ``cache gc``); raises when the cache cannot be read."""
+        """Every action entry (for ``cache ls`` and ``cache gc``, which open the store as required: a cache
+        that cannot be read raises Unavailable)."""
         for path, info in sorted(self._listing("actions").items()):
             if not path.endswith(".json"):
                 continue
@@ -261,7 +269,7 @@ class Store:
         removed_entries, keep = 0, set()
         for e in list(self.entries()):
             if e.modified < cutoff:
-                self.fs.rm(self.entry_path(e.key))
+                self._call("removing an entry", lambda k=e.key: self.fs.rm(self.entry_path(k)), None)
                 removed_entries += 1
             else:
                 keep.update(f["sha256"] for f in e.files.values() if isinstance(f, dict))
@@ -270,7 +278,7 @@ class Store:
             name = path.rsplit("/", 1)[1]
             if name in keep or _modified(info) > now - grace:
                 continue
-            self.fs.rm(path)
+            self._call("removing a blob", lambda p=path: self.fs.rm(p), None)
             removed_blobs += 1
             freed += int(info.get("size") or 0)
         return removed_entries, removed_blobs, freed

@@ -7,7 +7,6 @@ import os
 import threading
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from reidbuild.cache import open_store

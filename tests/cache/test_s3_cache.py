@@ -5,7 +5,6 @@ Credentials and the endpoint reach s3fs the usual way (AWS_* environment variabl
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -140,3 +139,5 @@ def test_s3_endpoint_gone_mid_run_builds_locally(s3, tmp_path):
     code, _, err = cli("apply", str(again), "--cache", URL, "--cache-required")
     assert code == 3 and "unreachable" in err and "--cache-required" in err and "Traceback" not in err
     assert not (tmp_path / "required" / "m.lock").exists()
+    code, _, err = cli("cache", "ls", "--cache", URL)
+    assert code == 3 and "unreachable" in err and "Traceback" not in err

@@ -46,3 +46,15 @@ def test_expand_manifests(tmp_path):
     assert expand_manifests([str(tmp_path / "fleet"), str(tmp_path / "*.yml"), str(a)]) == [a, b, c]
     assert worst([ManifestResult("a"), ManifestResult("b", exit_code=3), ManifestResult("c", exit_code=1)]) == 3
     assert worst([ManifestResult("a")]) == 0
+
+
+def test_ray_needs_a_cache_and_takes_a_manifest_after_the_flag(tmp_path):
+    from click.testing import CliRunner
+
+    from reidbuild.cli import main
+
+    m = tiny_manifest(tmp_path)
+    r = CliRunner().invoke(main, ["apply", "--ray", str(m)], catch_exceptions=False)
+    assert r.exit_code == 2 and "--ray needs --cache" in r.stderr and "Traceback" not in r.stderr
+    r = CliRunner().invoke(main, ["apply"], catch_exceptions=False)
+    assert r.exit_code == 2 and "at least one manifest" in r.stderr
