@@ -78,7 +78,7 @@ def bench_r50(tmp: Path) -> None:
     cache = f"file://{tmp / 'r50-cache'}"
     times = {}
     for clone in ("cold", "warm"):
-        folder = tmp / clone
+        folder = tmp / f"r50-{clone}"
         folder.mkdir()
         manifest = folder / "r50.yml"
         manifest.write_text(src.read_text().replace("../outputs/bench_r50", "out")
