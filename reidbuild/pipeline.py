@@ -430,7 +430,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 new.stages[stage.name] = lockfile.StageRecord(
                     fingerprint=fp, status=status, params=lockfile._plain(stage.params), inputs=inputs,
                     outputs=out_entries, record=result.record, tools=tool_versions(stage.tools))
-                lockfile.write(lock_path, new)
+                if not restored:  # a restore is cheap to redo: its entry waits for the next write of the lock
+                    lockfile.write(lock_path, new)
             if restored:
                 outcome.restored.append(stage.name)
                 emit(Event("restored", stage.name, "restored from cache", seconds))
