@@ -302,13 +302,14 @@ class LocalRunner:
 
 def _restore_or_run(stage: Stage, fp: str, reasons: list[str], ctx: StageContext,
                     committed: dict[str, dict[str, Any]], store: Optional[ResultStore], runner: StageRunner,
-                    emit: Callable[[Event], None]) -> tuple[StageResult, Optional[str], bool]:
-    """The stage's result from the shared cache when it holds this action, else from running it.
+                    emit: Callable[[Event], None], may_restore: bool) -> tuple[StageResult, Optional[str], bool]:
+    """The stage's result from the shared cache when it holds this action (and ``may_restore``: not with
+    --force, which means "prove it again here"), else from running it.
 
     Returns (result, action key or None, restored?).
     """
     key = store.action_key(stage, fp) if store is not None else None
-    if key is not None:
+    if key is not None and may_restore:
         restored = store.restore(stage, key, emit)
         if restored is not None:
             return restored, key, True
@@ -399,7 +400,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             t0 = time.perf_counter()
             ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs)
             committed = {f: e for d in stage.deps for f, e in outputs.get(d, {}).items()}
-            result, key, restored = _restore_or_run(stage, fp, reasons, ctx, committed, store, runner, emit)
+            result, key, restored = _restore_or_run(stage, fp, reasons, ctx, committed, store, runner, emit,
+                                                    may_restore=not force)
             missing = set(stage.outputs) - set(result.outputs)
             extra = set(result.outputs) - set(stage.outputs)
             if missing or extra:

@@ -88,6 +88,16 @@ def clone(tmp_path: Path, name: str) -> Path:
     return tmp_path / name
 
 
+def test_force_runs_instead_of_restoring(tmp_path):
+    url = f"file://{tmp_path / 'cache'}"
+    apply(clone(tmp_path, "a"), url, [])
+    calls: list[str] = []
+    root = clone(tmp_path, "b")
+    out = run(stages(root, calls), lock_path=root / "m.lock", manifest_entry={"path": "m.yml"},
+              output_dir=root / "out", base=root, emit=lambda ev: None, store=open_store(url), force=True)
+    assert out.restored == [] and calls == ["a", "b", "e"]
+
+
 def test_corrupt_blob_is_never_used_rebuilt_and_reported(tmp_path):
     url = f"file://{tmp_path / 'cache'}"
     apply(clone(tmp_path, "a"), url, [])
