@@ -80,8 +80,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int, int]] = {
     "resnest": (SBS, {"MODEL.BACKBONE.NAME": "build_resnest_backbone"}, 64, 32),
     "mgn": (SBS, {"MODEL.META_ARCHITECTURE": "MGN", "MODEL.BACKBONE.WITH_NL": False,
                   "MODEL.BACKBONE.WITH_IBN": True, "MODEL.HEADS.EMBEDDING_DIM": 256}, 96, 32),
-    # DEPTH small keeps the test fast; base is checked key for key below
-    "vit": (VIT, {"MODEL.BACKBONE.DEPTH": "small", "INPUT.SIZE_TRAIN": [32, 32], "INPUT.SIZE_TEST": [32, 32]}, 32, 32),
+    # DEPTH small keeps the test fast (base is checked key for key below); overlapping 16x16 patches every
+    # 12 pixels give a 3x2 grid, so the patch embedding's stride and the position embedding's size matter
+    "vit": (VIT, {"MODEL.BACKBONE.DEPTH": "small", "MODEL.BACKBONE.STRIDE_SIZE": [12, 12],
+                  "INPUT.SIZE_TRAIN": [40, 28], "INPUT.SIZE_TEST": [40, 28]}, 40, 28),
     # VeRi sbs_R50-ibn (VehicleID/VERIWild bagtricks_R50-ibn: GeM instead of GeM-P, no non-local)
     "vehicle": (SBS, {"MODEL.BACKBONE.WITH_IBN": True, "INPUT.SIZE_TRAIN": [64, 64], "INPUT.SIZE_TEST": [64, 64]},
                 64, 64),
@@ -145,6 +147,8 @@ def test_same_keys_shapes_and_eval_output_as_fastreid(family: str, folder: str) 
     ref, ours, images, expected = built(family, folder)
     assert list(inference_shapes(ours).items()) == list(inference_shapes(ref).items())
     assert set(README_KEYS[family]) <= set(inference_shapes(ours))
+    if family == "vit":  # (40 - 16) // 12 + 1 rows, (28 - 16) // 12 + 1 columns, plus the class token
+        assert inference_shapes(ours)["backbone.pos_embed"] == (1, 3 * 2 + 1, 768)
     features = eval_features(ours, images)
     assert_close(features, expected, f"{family}: reidbuild vs fast-reid")
     # trained-like: different people get clearly different features
@@ -303,7 +307,8 @@ def test_vit_manifest_builds_onnx_with_parity_while_caffe_is_refused(folder: str
     text, _, h, w = FAMILIES["vit"]
     ref, _, _, _ = built("vit", folder)
     save_like_fastreid(ref, tmp_path / "model_final.pth")
-    body = textwrap.dedent(text).replace("DEPTH: base", "DEPTH: small").replace("[256, 128]", f"[{h}, {w}]")
+    body = (textwrap.dedent(text).replace("DEPTH: base", "DEPTH: small").replace("[256, 128]", f"[{h}, {w}]")
+            .replace('"(16, 16)"', '"(12, 12)"'))
     write(tmp_path / "config.yml", body)
     (tmp_path / "imgs").mkdir()
     for src in sorted((REPO / "test_data").glob("*.png"))[:4]:
