@@ -322,6 +322,15 @@ def _restore_or_run(stage: Stage, fp: str, reasons: list[str], ctx: StageContext
         raise StageFailed(f"stage {stage.name}: out of memory") from None
 
 
+def _record_refusal(lock: lockfile.Lock, lock_path: Path, stage: Stage, fp: str, inputs: dict[str, Any],
+                    reason: str) -> None:
+    """Lock entry of a stage whose format cannot express the model: status ``refused`` and the reason."""
+    lock.stages[stage.name] = lockfile.StageRecord(
+        fingerprint=fp, status="refused", params=lockfile._plain(stage.params), inputs=inputs,
+        record={"reason": reason}, tools=tool_versions(stage.tools))
+    lockfile.write(lock_path, lock)
+
+
 def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any], output_dir: Path, base: Path,
         emit: Callable[[Event], None], locked: bool = False, skip_unavailable: bool = False,
         force: bool = False, store: Optional[ResultStore] = None, runner: Optional[StageRunner] = None,
@@ -412,10 +421,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 skipped_names.add(stage.name)
                 emit(Event("fail", stage.name, exc.message, time.perf_counter() - t0))
                 if not locked:
-                    new.stages[stage.name] = lockfile.StageRecord(
-                        fingerprint=fp, status="refused", params=lockfile._plain(stage.params), inputs=inputs,
-                        record={"reason": exc.message}, tools=tool_versions(stage.tools))
-                    lockfile.write(lock_path, new)
+                    _record_refusal(new, lock_path, stage, fp, inputs, exc.message)
                 continue
             missing = set(stage.outputs) - set(result.outputs)
             extra = set(result.outputs) - set(stage.outputs)
