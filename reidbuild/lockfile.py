@@ -63,7 +63,7 @@ def read(path: Path) -> Lock | None:
     """The lock at ``path``, None if absent; a corrupt lock is an InputError naming the file."""
     if not path.exists():
         return None
-    doc = yamlio.load(path, "lock file")
+    doc = yamlio.load(path, "lock file", fast=True)
     data = doc.data
     try:
         if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
@@ -96,7 +96,14 @@ def _check_record(name: str, rec: Any) -> None:
 
 
 def write(path: Path, lock: Lock) -> None:
-    atomic_write(path.parent, path.name, lock.to_text().encode())
+    """Write the lock atomically; an unchanged lock is left alone (a no-op apply writes nothing)."""
+    data = lock.to_text().encode()
+    try:
+        if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write(path.parent, path.name, data)
 
 
 def iter_artifacts(lock: Lock) -> Iterator[tuple[str, str, dict[str, Any]]]:

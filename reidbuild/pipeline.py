@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 from . import lockfile
 from .errors import CheckFailed, InputError, ReidbuildError, StageFailed, Unavailable
 from .fsutil import HashCache, atomic_write, clean_temp_files, ensure_dir, sha256_bytes
+from .statcache import StatCache, open_cache
 
 # ----------------------------------------------------------------------------------------------- types
 
@@ -271,7 +272,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
     new = lockfile.Lock(manifest=manifest_entry,
                         stages={} if old is None else {k: v for k, v in old.stages.items()
                                                        if k in {s.name for s in stages}})
-    hashes = HashCache()
+    # apply trusts the stat cache for unchanged files; --locked is a tamper check and re-hashes everything
+    hashes = open_cache(output_dir, trust=not locked)
     planner = Planner(stages, old, output_dir, base, hashes)
     cache: dict[str, Any] = {}
     outcome = RunOutcome([], [], [], [], [], new, {})
@@ -358,7 +360,9 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                     raise CheckFailed(f"{lock_path}: --locked: rebuilt artifacts differ from the lock: "
                                       + ", ".join(diffs) + f" (stage {stage.name}; not written)")
             for fname in stage.outputs:
-                atomic_write(output_dir, fname, result.outputs[fname])
+                written = atomic_write(output_dir, fname, result.outputs[fname])
+                if isinstance(hashes, StatCache):
+                    hashes.record(written, out_entries[fname]["sha256"])
             status = "failed" if result.failed else "ok"
             outputs[stage.name] = out_entries
             if not locked:
@@ -376,6 +380,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
         tmp = cache.get("_tmp")
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(hashes, StatCache):
+            hashes.save()
     if not locked:
         lockfile.write(lock_path, new)
     if unavailable is not None:

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import NotExpressible, StageFailed
 from . import schema
 
-CONVERTER_VERSION = "reidbuild-onnx2caffe/1"
+from . import CONVERTER_VERSION  # noqa: E402,F401 - re-exported
 
 # ------------------------------------------------------------------------------------------ the Caffe net
 

@@ -51,8 +51,6 @@ def model_from(ctx: StageContext, lm: LoadedManifest, cfg: dict[str, Any]) -> An
 
 def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
     """Validates the config now (plan time) so config errors surface before any work."""
-    import numpy as np
-
     cfg = model_config(lm)
     src = lm.model.source
     inputs: dict[str, Path] = {"config": lm.resolve(src.config)}
@@ -65,6 +63,7 @@ def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
     h, w = lm.model.input.height, lm.model.input.width
 
     def run(ctx: StageContext) -> StageResult:
+        import numpy as np
         import torch
 
         model = model_from(ctx, lm, cfg)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
 from ..errors import StageFailed
 from ..manifest import LoadedManifest
@@ -39,6 +40,7 @@ def export_onnx(model: Any, height: int, width: int, opset: int, dynamic_batch: 
 
 def check_model(data: bytes, height: int, width: int, what: str) -> tuple[Any, np.ndarray]:
     """onnx checker + one onnxruntime run on a fixed pseudo-random image; returns (model, features)."""
+    import numpy as np
     import onnx
     import onnxruntime as ort
 
@@ -85,6 +87,7 @@ def simplify_stage(lm: LoadedManifest, source: ArtifactRef, out_file: str) -> tu
     h, w = lm.model.input.height, lm.model.input.width
 
     def run(ctx: StageContext) -> StageResult:
+        import numpy as np
         import onnx
         import onnxsim
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
 from ..backends.base import Runner, run_batched
 from ..compare import TOLERANCE_KEYS, compare
@@ -48,6 +49,8 @@ def fp32_profile(lm: LoadedManifest) -> dict[str, Any]:
 
 def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
     """Apply to the reference what graph patches declared they do to the output (e.g. l2_normalize)."""
+    import numpy as np
+
     from ..patches import apply_output_transform
 
     for t in transforms:
