@@ -256,6 +256,20 @@ class RunOutcome:
     timings: dict[str, float]
 
 
+def release_memory() -> None:
+    """Hand memory freed by a finished stage back to the system (glibc keeps freed arenas otherwise), so a
+    later stage's peak does not stack on an earlier one's; a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any], output_dir: Path, base: Path,
         emit: Callable[[Event], None], locked: bool = False, skip_unavailable: bool = False,
         force: bool = False) -> RunOutcome:
@@ -345,11 +359,10 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             outcome.timings[stage.name] = seconds
             out_entries: dict[str, dict[str, Any]] = {}
             for fname in stage.outputs:
-                data = result.outputs[fname]
                 # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
                 out_entries[fname] = {"path": _rel(output_dir.resolve() / fname, base, follow=False),
-                                      "sha256": sha256_bytes(data),
-                                      "size": len(data)}
+                                      "sha256": sha256_bytes(result.outputs[fname]),
+                                      "size": len(result.outputs[fname])}
                 if not stage.reproducible:
                     out_entries[fname]["reproducible"] = False
             if locked:
@@ -364,16 +377,19 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 if isinstance(hashes, StatCache):
                     hashes.record(written, out_entries[fname]["sha256"])
             status = "failed" if result.failed else "ok"
+            failed_msg, record = result.failed, result.record
+            del result  # the artifacts are on disk: do not hold their bytes while the next stage runs
+            release_memory()
             outputs[stage.name] = out_entries
             if not locked:
                 new.stages[stage.name] = lockfile.StageRecord(
                     fingerprint=fp, status=status, params=lockfile._plain(stage.params), inputs=inputs,
-                    outputs=out_entries, record=result.record, tools=tool_versions(stage.tools))
+                    outputs=out_entries, record=record, tools=tool_versions(stage.tools))
                 lockfile.write(lock_path, new)
             outcome.ran.append(stage.name)
-            if result.failed:
-                outcome.failed.append(f"{stage.name}: {result.failed}")
-                emit(Event("fail", stage.name, result.failed, seconds))
+            if failed_msg:
+                outcome.failed.append(f"{stage.name}: {failed_msg}")
+                emit(Event("fail", stage.name, failed_msg, seconds))
             else:
                 emit(Event("done", stage.name, "", seconds))
     finally:

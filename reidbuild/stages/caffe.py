@@ -26,7 +26,7 @@ def caffe_stage(target: CaffeTarget, input_hw: tuple[int, int], source: Artifact
 
         path = ctx.artifact(source.file)
         try:
-            model = onnx.load_from_string(path.read_bytes())
+            model = onnx.load(str(path))  # parsed from the file: no bytes copy held next to the model
         except FileNotFoundError:
             raise StageFailed(f"{source.file}: the ONNX artifact is missing (stage {source.stage})") from None
         except Exception as exc:

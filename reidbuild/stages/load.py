@@ -49,6 +49,18 @@ def model_from(ctx: StageContext, lm: LoadedManifest, cfg: dict[str, Any]) -> An
     return ctx.cached("torch_model", lambda: build_torch_model(lm, cfg))
 
 
+def release_model(ctx: StageContext) -> None:
+    """Drop the run's PyTorch model (a few hundred MB for an R50) once no later stage needs it.
+
+    Parity stages run last and share one reference pass, so after that pass only a stage asking again (none
+    does today) would rebuild it.
+    """
+    if ctx.cache.pop("torch_model", None) is not None:
+        import gc
+
+        gc.collect()
+
+
 def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
     """Validates the config now (plan time) so config errors surface before any work."""
     cfg = model_config(lm)

@@ -17,7 +17,7 @@ from ..compare import TOLERANCE_KEYS, compare
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
-from .load import model_from
+from .load import model_from, release_model
 
 
 @dataclass
@@ -76,6 +76,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
                                                                 inp.interpolation))
         raw_ref = ctx.cached("parity_reference", lambda: run_batched(TorchRunner(model_from(ctx, lm, cfg)),
                                                                      batch, parity.batch_size))
+        release_model(ctx)  # every parity check shares the one reference pass above
         reference = apply_transforms(raw_ref, check.output_transforms)
         runner = check.make_runner(ctx)
         actual = run_batched(runner, batch, parity.batch_size)
