@@ -67,3 +67,19 @@ def make_r50_project(root: Path, parity_images: int = 12, bn_images: int = 64, e
           atol: 1.0e-3   # features of a trained-like R50 are O(0.1): 1e-6 absolute is below float32 noise
         """) + textwrap.dedent(extra))
     return manifest
+
+
+def r50_onnx(root: Path) -> bytes:
+    """The benchmark R50 exported and simplified as the pipeline does (for bench_int8.py on its own)."""
+    import onnx
+    import onnxsim
+
+    from reidbuild.fastreid.baseline import build_model
+    from reidbuild.fastreid.config import load_config
+    from reidbuild.stages.onnx import export_onnx
+    from reidbuild.testing import make_trained_like, person_like_images
+
+    model = build_model(load_config(CONFIG))
+    make_trained_like(model, person_like_images(64, 256, 128, seed=1), seed=0)
+    simplified, _ = onnxsim.simplify(onnx.load_from_string(export_onnx(model, 256, 128, 17, True)))
+    return simplified.SerializeToString(deterministic=True)
