@@ -283,7 +283,8 @@ def verify(manifest: str, as_json: bool) -> None:
 @main.command()
 @MANIFEST
 @click.option("--backend", required=True,
-              type=click.Choice(["torch", "onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8"]))
+              type=click.Choice(["torch", "onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8",
+                                 "onnx_int8_cpu"]))
 @click.option("--input", "pattern", required=True, help="Glob of images, e.g. 'imgs/*.jpg'.")
 @click.option("--output", "out", required=True, type=click.Path(file_okay=False), help="Folder for the .npy files.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))

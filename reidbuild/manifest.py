@@ -17,7 +17,7 @@ from . import yamlio
 from .errors import ImageError, ManifestError
 
 BACKENDS = ("onnxruntime", "caffe", "tensorrt")
-CHECKS = ("onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8")
+CHECKS = ("onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8", "onnx_int8_cpu")
 
 
 def check_plain_name(value: str, what: str = "name") -> str:
@@ -110,10 +110,18 @@ class TensorRTTarget(_Strict):
         return self
 
 
+class OnnxInt8CpuTarget(_Strict):
+    """The int8 ONNX onnxruntime's CPU kernels want (uint8 activations, int32 biases); not for TensorRT."""
+
+    calibration: Calibration
+    batch_size: int = Field(8, ge=1, le=4096, description="Calibration uses at most batches x batch_size images.")
+
+
 class Targets(_Strict):
     onnx: OnnxTarget = Field(default_factory=OnnxTarget)
     caffe: Optional[CaffeTarget] = None
     tensorrt: Optional[TensorRTTarget] = None
+    onnx_int8_cpu: Optional[OnnxInt8CpuTarget] = None
 
 
 class Tolerance(_Strict):
@@ -134,7 +142,8 @@ class Parity(_Strict):
     atol: float = Field(1e-6, ge=0)
     min_cosine: Optional[float] = Field(None, ge=-1, le=1)
     backends: list[Literal["onnxruntime", "caffe", "tensorrt"]] = Field(min_length=1)
-    overrides: dict[Literal["onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8"], Tolerance] = Field(
+    overrides: dict[Literal["onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8", "onnx_int8_cpu"],
+                    Tolerance] = Field(
         default_factory=dict, description="Per-backend tolerance overrides."
     )
     batch_size: int = Field(4, ge=1, le=256)
@@ -176,6 +185,8 @@ class Manifest(_Strict):
                                  f"{trt.mode} ONNX on the CPU before an engine is built")
             if not self.targets.onnx.dynamic_batch and trt.batch_size != 1:
                 raise ValueError("targets.tensorrt.batch_size > 1 needs targets.onnx.dynamic_batch: true")
+        if self.targets.onnx_int8_cpu is not None and self.parity is None:
+            raise ValueError("targets.onnx_int8_cpu needs a parity section: its images prove the int8 ONNX")
         if self.parity is not None:
             declared = {"onnxruntime": True, "caffe": self.targets.caffe is not None,
                         "tensorrt": trt is not None}

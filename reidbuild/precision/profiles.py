@@ -30,7 +30,7 @@ _BY_CHECK = {
     "fp32": _FP32, "onnxruntime": _FP32, "caffe": _FP32, "tensorrt": _FP32, "onnx_fp32": _FP32,
     "tensorrt_fp32": _FP32,
     "fp16": _FP16, "onnx_fp16": _FP16, "tensorrt_fp16": _FP16,
-    "int8": _INT8, "onnx_int8": _INT8, "tensorrt_int8": _INT8,
+    "int8": _INT8, "onnx_int8": _INT8, "tensorrt_int8": _INT8, "onnx_int8_cpu": _INT8,
 }
 
 
@@ -38,7 +38,8 @@ def default_tolerance(check: str) -> dict[str, Any]:
     """Tolerance keys (rtol, atol, min_cosine, min_rank1, topk, min_topk_overlap) for a parity check name.
 
     ``onnx_fp16``/``onnx_int8`` are the precision ONNX on onnxruntime; a TensorRT engine of that precision
-    uses the same profile (``tensorrt_fp16``/``tensorrt_int8``, or the mode name itself). Unset keys are None.
+    uses the same profile (``tensorrt_fp16``/``tensorrt_int8``, or the mode name itself), and so does the CPU int8
+    ONNX (``onnx_int8_cpu``). Unset keys are None.
     """
     try:
         return dict(_BY_CHECK[check])

@@ -1,7 +1,8 @@
 """Turn a validated manifest into the ordered list of stages (the plan's skeleton) and the backend runners.
 
 load -> onnx.export -> onnx.simplify -> onnx.patch -> [caffe.convert -> caffe.patch]
-     -> [precision.fp16|int8 -> parity.onnx_<mode>] -> [tensorrt.engine] -> parity.<backend>...
+     -> [precision.fp16|int8 -> parity.onnx_<mode>] -> [precision.int8_cpu -> parity.onnx_int8_cpu]
+     -> [tensorrt.engine] -> parity.<backend>...
 
 The same runner factories serve parity (inside a run) and ``infer`` (on committed artifacts), so both
 feed each backend exactly the same way.
@@ -37,7 +38,7 @@ class BackendBuild:
 @dataclass
 class Assembly:
     stages: list[Stage]
-    backends: dict[str, BackendBuild]  # onnxruntime, caffe, onnx_fp16, onnx_int8, tensorrt
+    backends: dict[str, BackendBuild]  # onnxruntime, caffe, onnx_fp16, onnx_int8, onnx_int8_cpu, tensorrt
 
 
 def _patch_files(lm: LoadedManifest, rels: list[str], key: str) -> list[Path]:
@@ -60,6 +61,21 @@ def _ort_factory(art: ArtifactRef, layout: str, color: str) -> RunnerFactory:
 
         return OnnxRuntimeRunner(resolve(art.file), adapt=lambda b: adapt_input(layout, b, color))
     return make
+
+
+def _int8_cpu(lm: LoadedManifest, source: ArtifactRef, layout: str,
+              transforms: list[str]) -> tuple[Stage, BackendBuild]:
+    """``precision.int8_cpu`` from the final ONNX (``targets.onnx_int8_cpu``) and its onnxruntime backend."""
+    from ..patches import adapt_input
+    from .precision import int8_stage
+
+    m = lm.model
+    target = m.targets.onnx_int8_cpu
+    assert target is not None
+    calib = lm.images("targets", "onnx_int8_cpu", "calibration", "images")
+    st, ref = int8_stage(target, source, m.name, calib, m.input,
+                         adapt=lambda b: adapt_input(layout, b, m.input.color), cpu=True)
+    return st, BackendBuild([ref], _ort_factory(ref, layout, m.input.color), output_transforms=transforms)
 
 
 def assemble(lm: LoadedManifest) -> Assembly:
@@ -182,6 +198,15 @@ def assemble(lm: LoadedManifest) -> Assembly:
 
         backends["tensorrt"] = BackendBuild([engine_ref], trt_runner, available=trt_backend.available,
                                             output_transforms=onnx_transforms)
+
+    if m.targets.onnx_int8_cpu is not None:
+        from ..precision.profiles import default_tolerance
+
+        st, backends["onnx_int8_cpu"] = _int8_cpu(lm, final_onnx, layout, onnx_transforms)
+        stages.append(st)
+        if images is not None:  # the manifest validator demands a parity section for this target
+            stages.append(parity_stage(lm, cfg, load_ref, check("onnx_int8_cpu", default_tolerance("onnx_int8_cpu")),
+                                       images))
 
     # every check this machine can do runs before the engine, which may be unavailable here (exit 3)
     for b in wanted:

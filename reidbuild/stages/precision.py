@@ -1,4 +1,5 @@
-"""Precision stages: the fp16 or int8 ONNX a TensorRT engine is built from (fp32 needs none).
+"""Precision stages: the fp16 or int8 ONNX a TensorRT engine is built from (fp32 needs none), and the
+CPU int8 ONNX (``targets.onnx_int8_cpu``) for onnxruntime.
 
 ``precision.fp16`` converts the final ONNX with onnxconverter-common; ``precision.int8`` calibrates on the
 manifest's calibration images (at most ``batches`` x ``batch_size``, preprocessed exactly like parity) and
@@ -8,13 +9,13 @@ removing one re-runs the calibration; the record keeps the method, the images' d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
     import numpy as np
 
 from ..errors import ImageError, StageFailed
-from ..manifest import Input, TensorRTTarget
+from ..manifest import Input, OnnxInt8CpuTarget, TensorRTTarget
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
 
@@ -57,15 +58,16 @@ class LazyImages:
         return load_images(self.paths[index], i.height, i.width, i.color, i.interpolation)
 
 
-def calibration_inputs(target: TensorRTTarget, calib_paths: list[Path]) -> list[Path]:
+def calibration_inputs(target: Union[TensorRTTarget, OnnxInt8CpuTarget], calib_paths: list[Path],
+                       key: str = "targets.tensorrt") -> list[Path]:
     """The images calibration uses: the glob's sorted matches, at most ``batches`` x ``batch_size``."""
     cal = target.calibration
     if cal is None:
-        raise ImageError("targets.tensorrt.calibration is required for mode int8")
+        raise ImageError(f"{key}.calibration is required for mode int8")
     limit = cal.batches * target.batch_size
     paths = list(calib_paths)[:limit]
     if not paths:
-        raise ImageError(f"targets.tensorrt.calibration.images: glob {cal.images!r} matches no file")
+        raise ImageError(f"{key}.calibration.images: glob {cal.images!r} matches no file")
     return paths
 
 
@@ -77,45 +79,60 @@ def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, cali
     if mode == "fp32":
         return None
     out = f"{name}.{mode}.onnx"
-    if mode == "fp16":
-        from ..precision import fp16
+    if mode == "int8":
+        return int8_stage(target, source, name, calib_paths, input, adapt)
+    from ..precision import fp16
 
-        def run_fp16(ctx: StageContext) -> StageResult:
-            data, record = fp16.convert_fp16(ctx.artifact(source.file).read_bytes())
-            _smoke_test(data, input, out, adapt)
-            return StageResult({out: data}, record)
+    def run_fp16(ctx: StageContext) -> StageResult:
+        data, record = fp16.convert_fp16(ctx.artifact(source.file).read_bytes())
+        _smoke_test(data, input, out, adapt)
+        return StageResult({out: data}, record)
 
-        stage = Stage(f"precision.{mode}", run_fp16,
-                      params={"mode": mode, "recipe": fp16.RECIPE, "keep_fp32_ops": list(fp16.KEEP_FP32_OPS)},
-                      deps=(source.stage,), outputs=(out,), tools=TOOLS,
-                      description="convert the ONNX to fp16 (float32 I/O, sensitive ops kept in fp32)")
-        return stage, ArtifactRef(stage.name, out)
+    stage = Stage(f"precision.{mode}", run_fp16,
+                  params={"mode": mode, "recipe": fp16.RECIPE, "keep_fp32_ops": list(fp16.KEEP_FP32_OPS)},
+                  deps=(source.stage,), outputs=(out,), tools=TOOLS,
+                  description="convert the ONNX to fp16 (float32 I/O, sensitive ops kept in fp32)")
+    return stage, ArtifactRef(stage.name, out)
 
+
+def int8_stage(target: Union[TensorRTTarget, OnnxInt8CpuTarget], source: ArtifactRef, name: str,
+               calib_paths: list[Path], input: Input,  # noqa: A002 (manifest's name)
+               adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+               cpu: bool = False) -> tuple[Stage, ArtifactRef]:
+    """``precision.int8`` (``<name>.int8.onnx``, symmetric Q/DQ for TensorRT) or, with ``cpu``,
+    ``precision.int8_cpu`` (``<name>.int8_cpu.onnx``, uint8 activations and int32 biases: the graph
+    onnxruntime's CPU kernels fuse into QLinearConv). One calibration recipe serves both."""
     from ..precision import int8
 
+    kind = "int8_cpu" if cpu else "int8"
+    key = "targets.onnx_int8_cpu" if cpu else "targets.tensorrt"
+    out = f"{name}.{kind}.onnx"
     cal = target.calibration
     assert cal is not None  # the manifest validator demands it for int8
-    paths = calibration_inputs(target, calib_paths)
+    paths = calibration_inputs(target, calib_paths, key)
     preprocess = {"height": input.height, "width": input.width, "color": input.color,
                   "interpolation": input.interpolation, "layout": "NCHW float32 0..255"}
-    params: dict[str, Any] = {"mode": mode, "recipe": int8.RECIPE, "method": cal.method,
+    params: dict[str, Any] = {"mode": "int8", "recipe": int8.RECIPE, "method": cal.method,
                               "batches": cal.batches, "batch_size": target.batch_size,
                               "max_images": cal.batches * target.batch_size, "preprocess": preprocess,
                               "op_types": list(int8.QUANT_OPS)}
     if cal.method == "percentile":
         params["percentile"] = cal.percentile
+    if cpu:  # only here: the TensorRT-facing stage keeps its fingerprint
+        params["graph"] = "cpu: uint8 activations with zero points, int32 biases"
 
     def run_int8(ctx: StageContext) -> StageResult:
         images = LazyImages(paths, input)
         ctx.log(f"calibrating on {len(images)} image(s), method {cal.method}")
         data, record = int8.quantize_int8(ctx.artifact(source.file).read_bytes(), images, method=cal.method,
-                                          percentile=cal.percentile, workdir=ctx.tempdir() / "int8",
-                                          log=ctx.log, adapt=adapt)
+                                          percentile=cal.percentile, workdir=ctx.tempdir() / kind,
+                                          log=ctx.log, adapt=adapt, cpu=cpu)
         _smoke_test(data, input, out, adapt)
         return StageResult({out: data}, record)
 
-    stage = Stage(f"precision.{mode}", run_int8, params=params,
+    graph = "uint8/int32 Q/DQ for onnxruntime's CPU kernels" if cpu else "Q/DQ"
+    stage = Stage(f"precision.{kind}", run_int8, params=params,
                   inputs={f"calib[{i:03d}]": p for i, p in enumerate(paths)},
                   deps=(source.stage,), outputs=(out,), tools=TOOLS,
-                  description=f"quantise the ONNX to int8 Q/DQ ({cal.method} calibration, {len(paths)} images)")
+                  description=f"quantise the ONNX to int8 {graph} ({cal.method} calibration, {len(paths)} images)")
     return stage, ArtifactRef(stage.name, out)
