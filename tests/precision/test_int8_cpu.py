@@ -90,7 +90,6 @@ def test_onnxruntime_runs_every_quantised_conv_as_qlinearconv(built, tmp_path):
     """The point of this artifact: in onnxruntime's optimised graph each Conv that reads a DequantizeLinear is a
     QLinearConv; only the Convs the recipe keeps float (stem, first residual block) stay Conv."""
     import onnx
-    import onnxruntime as ort
 
     root, _m, r = built
     assert r.exit_code == 0, r.output
@@ -100,13 +99,30 @@ def test_onnxruntime_runs_every_quantised_conv_as_qlinearconv(built, tmp_path):
     convs = [n for n in graph.node if n.op_type == "Conv"]
     quantised = [n for n in convs if made_by.get(n.input[0]) == "DequantizeLinear"]
     assert len(quantised) >= 12  # R18: 20 Conv, of which the stem and first block stay float
+    kernels = _optimized_kernels(artifact.read_bytes(), tmp_path / "cpu.onnx")
+    assert kernels["QLinearConv"] == len(quantised), kernels
+    assert kernels["Conv"] + kernels["FusedConv"] == len(convs) - len(quantised), kernels
+    # the contrast that makes this a separate artifact: the TensorRT-facing graph of the same model, calibrated
+    # on the same images, leaves the Convs that share their input with a residual Add in float
+    from reidbuild.images import load_images
+    from reidbuild.precision import int8
+
+    calib = load_images(sorted((root / "calib").glob("*.png"))[:32], H, W)
+    trt, _ = int8.quantize_int8((root / "out" / "r18.onnx").read_bytes(), calib, method="percentile",
+                                workdir=tmp_path / "trt")
+    assert _optimized_kernels(trt, tmp_path / "trt.onnx")["QLinearConv"] < len(quantised)
+
+
+def _optimized_kernels(data: bytes, dump: Path) -> collections.Counter:
+    """Op types of the graph onnxruntime actually runs (its optimised-model dump, all optimisations on)."""
+    import onnx
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(artifact), so, providers=["CPUExecutionProvider"])
-    kernels = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
-    assert kernels["QLinearConv"] == len(quantised), kernels
-    assert kernels["Conv"] + kernels.get("FusedConv", 0) == len(convs) - len(quantised), kernels
+    so.optimized_model_filepath = str(dump)
+    ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(str(dump)).graph.node)
 
 
 def test_infer_runs_the_cpu_int8_onnx(built, tmp_path):
