@@ -50,6 +50,23 @@ def test_int8_stage_declares_calibration_images_as_inputs(tmp_path):
         precision_stage(target, ArtifactRef("onnx.simplify", "demo.onnx"), "demo", [], INPUT)
 
 
+def test_cpu_int8_stage_is_its_own_artifact_and_leaves_the_tensorrt_stage_fingerprint_alone(tmp_path):
+    from reidbuild.manifest import OnnxInt8CpuTarget
+    from reidbuild.stages.precision import int8_stage
+
+    paths = [tmp_path / f"c{i}.png" for i in range(10)]
+    cal = Calibration(images="c*.png", batches=2)
+    src = ArtifactRef("onnx.simplify", "demo.onnx")
+    trt, _ = precision_stage(TensorRTTarget(mode="int8", batch_size=4, calibration=cal), src, "demo", paths, INPUT)
+    cpu, ref = int8_stage(OnnxInt8CpuTarget(calibration=cal, batch_size=4), src, "demo", paths, INPUT, cpu=True)
+    assert ref == ArtifactRef("precision.int8_cpu", "demo.int8_cpu.onnx") and cpu.outputs == ("demo.int8_cpu.onnx",)
+    cpu_params = dict(cpu.params)
+    assert "graph" not in trt.params and cpu_params.pop("graph").startswith("cpu")
+    assert cpu_params == trt.params and list(cpu.inputs) == list(trt.inputs)  # one recipe, one calibration rule
+    with pytest.raises(ImageError, match="targets.onnx_int8_cpu.calibration.images"):
+        int8_stage(OnnxInt8CpuTarget(calibration=cal), src, "demo", [], INPUT, cpu=True)
+
+
 def test_fp16_and_int8_stages_run_in_the_pipeline_and_recalibrate_on_image_change(demo, tmp_path):
     calib = tmp_path / "calib"
     shutil.copytree(demo.calib_paths[0].parent, calib)
