@@ -84,6 +84,14 @@ def test_apply_builds_the_cpu_int8_onnx_and_proves_it_with_the_default_int8_thre
     assert parity.status == "ok"
     assert parity.params["tolerance"] == default_tolerance("onnx_int8_cpu") == default_tolerance("onnx_int8")
     assert parity.record["min_cosine"] >= 0.99  # measured 0.997
+    artifact = root / "out" / "r18.int8_cpu.onnx"
+    good = artifact.read_bytes()
+    try:  # the lock holds the artifact's hash: verify catches a flipped byte in it
+        artifact.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        v = CliRunner().invoke(main, ["verify", str(manifest)])
+        assert v.exit_code == 1 and "r18.int8_cpu.onnx" in v.output, v.output
+    finally:
+        artifact.write_bytes(good)
 
 
 def test_onnxruntime_runs_every_quantised_conv_as_qlinearconv(built, tmp_path):
