@@ -78,3 +78,24 @@ def write_checkpoint(model, path: Path, **kwargs) -> Path:
 
     make_checkpoint(model, path, **kwargs)
     return path
+
+
+HEAVY = ("torch", "onnx", "onnxruntime", "onnxsim", "matplotlib", "numpy", "caffe", "cv2", "PIL")
+
+
+def apply_in_fresh_interpreter(manifest: Path) -> tuple[int, str, str, list[str]]:
+    """``reidbuild apply manifest`` in a new Python process (as a user runs it): exit code, stdout, stderr and
+    which of the HEAVY packages it imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys, json\nsys.argv = ['reidbuild', 'apply', sys.argv[1]]\nfrom reidbuild.cli import main\n"
+             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+             f"print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})]))")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", probe, str(manifest)], capture_output=True, text=True, env=env,
+                       cwd=manifest.parent)
+    code, heavy = json.loads(r.stdout.strip().splitlines()[-1])
+    return code, r.stdout, r.stderr, heavy

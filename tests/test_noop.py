@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,10 +17,7 @@ from click.testing import CliRunner
 from reidbuild import statcache
 from reidbuild.cli import main
 from reidbuild.fsutil import sha256_file
-from tests.helpers import REPO, tiny_manifest
-
-HEAVY = ("torch", "onnx", "onnxruntime", "onnxsim", "matplotlib", "numpy", "caffe", "cv2", "PIL")
-
+from tests.helpers import apply_in_fresh_interpreter, tiny_manifest
 
 def cli(*args: str):
     r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
@@ -50,15 +45,9 @@ def test_noop_apply_hashes_nothing(built, monkeypatch):
 
 def test_noop_apply_imports_nothing_heavy(built):
     """In a fresh interpreter (as a user runs it), a no-op apply loads none of the ML stacks."""
-    probe = ("import sys, json\nsys.argv = ['reidbuild', 'apply', sys.argv[1]]\nfrom reidbuild.cli import main\n"
-             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
-             f"print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})]))")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", probe, str(built)], capture_output=True, text=True, env=env,
-                       cwd=built.parent)
-    code, heavy = json.loads(r.stdout.strip().splitlines()[-1])
-    assert code == 0, r.stderr
-    assert "nothing to do" in r.stdout
+    code, out, err, heavy = apply_in_fresh_interpreter(built)
+    assert code == 0, err
+    assert "nothing to do" in out
     assert heavy == [], f"a no-op apply imported {heavy}"
 
 

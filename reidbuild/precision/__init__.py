@@ -5,9 +5,17 @@ built (TensorRT 11 has no precision flags or calibrators any more).
 """
 from __future__ import annotations
 
-from .fp16 import KEEP_FP32_OPS, convert_fp16
-from .int8 import METHODS, QUANT_OPS, quantize_int8, scales_digest
-from .profiles import default_tolerance
+import importlib
+from typing import Any
 
-__all__ = ["KEEP_FP32_OPS", "METHODS", "QUANT_OPS", "convert_fp16", "default_tolerance", "quantize_int8",
-           "scales_digest"]
+# name -> submodule; loaded on first use, so planning (a no-op apply reads ``profiles``) never imports numpy
+_LAZY = {"KEEP_FP32_OPS": "fp16", "convert_fp16": "fp16", "METHODS": "int8", "QUANT_OPS": "int8",
+         "quantize_int8": "int8", "scales_digest": "int8", "default_tolerance": "profiles"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

@@ -30,9 +30,10 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning reads RECIPE and QUANT_OPS on a no-op apply
+    import numpy as np
 
 from ..errors import StageFailed
 from .graph import ensure_node_names, first_block, graph_input, op_counts, prologue_epilogue
@@ -61,6 +62,8 @@ def _round_down(x: float, bits: int = RANGE_BITS) -> float:
 
 def _snap_ranges(tensors_range: Any) -> int:
     """Round every calibrated (lowest, highest) outward in place; returns how many tensors."""
+    import numpy as np
+
     n = 0
     for _name, td in tensors_range.data.items():
         lo, hi = (np.asarray(v) for v in td.range_value)
@@ -77,6 +80,7 @@ def entropy_threshold(histogram: Any, num_quantized_bins: int) -> tuple[Any, Any
 
     tests/precision/test_int8.py checks equality against onnxruntime's own method on varied histograms.
     """
+    import numpy as np
     from onnxruntime.quantization.calibrate import entropy
     from onnxruntime.quantization.quant_utils import smooth_distribution
 
@@ -175,6 +179,7 @@ def scales_digest(model: Any) -> tuple[str, dict[str, int]]:
 
 def check_qdq_for_tensorrt(model: Any) -> None:
     """TensorRT explicit quantisation: int8 Q/DQ with constant scales and zero points that are 0."""
+    import numpy as np
     from onnx import TensorProto, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -214,6 +219,7 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
     """
     import inspect
 
+    import numpy as np
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

@@ -150,6 +150,17 @@ def test_infer_runs_the_cpu_int8_onnx(built, tmp_path):
     assert np.diag(cos[:12, 12:]).min() >= 0.99
 
 
+def test_noop_apply_with_the_target_imports_nothing_heavy(built):
+    """Planning the int8 stages reads only the tolerance profiles: no numpy, onnx or torch on a no-op."""
+    from tests.helpers import apply_in_fresh_interpreter
+
+    _root, manifest, r = built
+    assert r.exit_code == 0, r.output
+    code, out, err, heavy = apply_in_fresh_interpreter(manifest)
+    assert code == 0 and "nothing to do" in out, err
+    assert heavy == [], f"a no-op apply imported {heavy}"
+
+
 def test_the_target_needs_a_parity_section(tmp_path):
     text = textwrap.dedent(MANIFEST).format(config=REPO / "configs" / "demo_R18.yml", h=H, w=W)
     manifest = tmp_path / "m.yml"
