@@ -75,6 +75,7 @@ def _emit_json(obj: Any) -> None:
 
 MANIFEST = click.argument("manifest", type=click.Path(dir_okay=False))
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress or stage lines on stderr (errors still show).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -160,31 +161,20 @@ def plan(manifest: str, as_json: bool, diff: bool) -> None:
 @click.option("--force", is_flag=True, help="Re-run every stage even if up to date.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="If another run holds the output folder: wait for it, or fail at once (exit 4).")
+@QUIET
 @_guard
-def apply(manifest: str, as_json: bool, locked: bool, skip_unavailable: bool, force: bool, wait: bool) -> None:
+def apply(manifest: str, as_json: bool, locked: bool, skip_unavailable: bool, force: bool, wait: bool,
+          quiet: bool) -> None:
     """Run every stale stage, write artifacts and the lock, and prove parity."""
     from . import pipeline
+    from .console import EventPrinter
     from .fsutil import ensure_dir, run_lock
 
     t0 = time.perf_counter()
     lm, stages = _load(manifest)
     out_dir = ensure_dir(lm.output_dir)
-    log: list[dict[str, Any]] = []
-
-    def emit(ev: pipeline.Event) -> None:
-        log.append({"kind": ev.kind, "stage": ev.stage, "message": ev.message, "seconds": round(ev.seconds, 3)})
-        if ev.kind == "start":
-            click.echo(f"==> {ev.stage}: running ({ev.message})", err=True)
-        elif ev.kind == "done":
-            click.echo(f"    {ev.stage}: done in {ev.seconds:.1f} s", err=True)
-        elif ev.kind == "cached":
-            click.echo(f"    {ev.stage}: up to date", err=True)
-        elif ev.kind == "skip":
-            click.echo(f"    {ev.stage}: SKIPPED ({ev.message})", err=True)
-        elif ev.kind == "fail":
-            click.echo(f"    {ev.stage}: FAILED in {ev.seconds:.1f} s", err=True)
-        elif ev.kind == "log":
-            click.echo(f"    {ev.stage}: {ev.message}", err=True)
+    emit = EventPrinter(quiet, as_json)
+    log = emit.log
 
     with run_lock(out_dir, wait, on_wait=lambda msg: click.echo(msg, err=True)):
         outcome = pipeline.run(stages, lock_path=lm.lock_path, output_dir=out_dir, base=lm.base, emit=emit,
@@ -212,12 +202,19 @@ def apply(manifest: str, as_json: bool, locked: bool, skip_unavailable: bool, fo
 @main.command()
 @MANIFEST
 @JSON
+@click.option("--rebuild", is_flag=True,
+              help="Rebuild every stage in a scratch folder and classify each artifact: identical, equivalent "
+                   "or different.")
+@QUIET
 @_guard
-def verify(manifest: str, as_json: bool) -> None:
+def verify(manifest: str, as_json: bool, rebuild: bool, quiet: bool) -> None:
     """Re-hash artifacts and inputs against the lock (exit 1 on any difference)."""
     from .manifest import load_manifest
     from .verify import verify_lock
 
+    if rebuild:
+        _verify_rebuild(manifest, as_json, quiet)
+        return
     lm = load_manifest(Path(manifest))
     report = verify_lock(lm)
     if as_json:
@@ -232,6 +229,48 @@ def verify(manifest: str, as_json: bool) -> None:
         click.echo(f"verified {report.checked} files against {lm.lock_path.name}")
 
 
+def _verify_rebuild(manifest: str, as_json: bool, quiet: bool) -> None:
+    from .console import EventPrinter
+    from .rebuild import rebuild
+
+    lm, stages = _load(manifest)
+    report = rebuild(lm, stages, EventPrinter(quiet, as_json))
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        for line in report.lines():
+            click.echo(line)
+    first = report.first_different
+    if first is not None:
+        raise CheckFailed(f"verify --rebuild: stage {first.stage} is the first whose output differs: "
+                          f"{first.file}: {first.detail}")
+    if not as_json:
+        click.echo(f"verify --rebuild: {len(report.verdicts)} artifact(s) reproduced (identical or equivalent)")
+
+
+@main.command()
+@MANIFEST
+@click.option("--output", "out", type=click.Path(dir_okay=False),
+              help="Where to write the page [default: <name>.report.html in the current folder].")
+@_guard
+def report(manifest: str, out: str | None) -> None:
+    """Write the HTML parity report from the lock and the built artifacts (rebuilds nothing)."""
+    from . import lockfile
+    from .fsutil import atomic_write
+    from .report import collect, render
+
+    lm, stages = _load(manifest)
+    lock = lockfile.read(lm.lock_path)
+    if lock is None or not any(s.startswith("parity.") for s in lock.stages):
+        raise CheckFailed(f"{lm.lock_path}: no parity results in the lock; run `reidbuild apply {lm.path.name}` first")
+    target = Path(out) if out else Path.cwd() / f"{lm.model.name}.report.html"
+    if target.resolve().parent == lm.output_dir and target.name in {f for s in lock.stages.values() for f in s.outputs}:
+        raise InputError(f"{target}: is an artifact the lock records; choose another --output")
+    data = collect(lm, lock, lm.output_dir, [s.name for s in stages], skip=("report",))
+    atomic_write(target.resolve().parent, target.name, render(data).encode())
+    click.echo(str(target))
+
+
 @main.command()
 @MANIFEST
 @click.option("--backend", required=True,
@@ -240,14 +279,19 @@ def verify(manifest: str, as_json: bool) -> None:
 @click.option("--output", "out", required=True, type=click.Path(file_okay=False), help="Folder for the .npy files.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))
 @JSON
+@QUIET
 @_guard
-def infer(manifest: str, backend: str, pattern: str, out: str, batch_size: int, as_json: bool) -> None:
+def infer(manifest: str, backend: str, pattern: str, out: str, batch_size: int, as_json: bool, quiet: bool) -> None:
     """Compute features with one backend's built artifacts; one .npy per image in OUTPUT."""
+    from .console import Progress
     from .infer import run_infer
     from .manifest import load_manifest
 
     lm = load_manifest(Path(manifest))
-    written = run_infer(lm, backend, pattern, Path(out), batch_size)
+    progress = Progress.for_stderr(quiet, as_json)
+    written = run_infer(lm, backend, pattern, Path(out), batch_size,
+                        progress=lambda d, t: progress.update("infer", f"{backend} images", d, t))
+    progress.finish()
     if as_json:
         _emit_json({"backend": backend, "written": [str(p) for p in written]})
     else:

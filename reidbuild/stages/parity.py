@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .. import featurefile
 from ..backends.base import Runner, run_batched
 from ..compare import TOLERANCE_KEYS, compare
 from ..manifest import LoadedManifest
@@ -55,6 +56,11 @@ def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
     return np.asarray(features, dtype=np.float32)
 
 
+def features_file_name(model_name: str, check: str) -> str:
+    """``<name>.parity.<check>.npz``: the reference and backend features the check compared (for the report)."""
+    return f"{model_name}.parity.{check}.npz"
+
+
 def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, check: ParityCheck,
                  images: list[Path]) -> Stage:
     parity = lm.model.parity
@@ -64,6 +70,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
     preprocess = {"height": inp.height, "width": inp.width, "color": inp.color,
                   "interpolation": inp.interpolation, "layout": "NCHW float32 0..255"}
     names = [p.name for p in images]
+    features_file = features_file_name(lm.model.name, check.check)
 
     def run(ctx: StageContext) -> StageResult:
         from ..backends.torch import TorchRunner
@@ -71,11 +78,13 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
 
         batch = ctx.cached("parity_images", lambda: load_images(images, inp.height, inp.width, inp.color,
                                                                 inp.interpolation))
-        raw_ref = ctx.cached("parity_reference", lambda: run_batched(TorchRunner(model_from(ctx, lm, cfg)),
-                                                                     batch, parity.batch_size))
+        raw_ref = ctx.cached("parity_reference", lambda: run_batched(
+            TorchRunner(model_from(ctx, lm, cfg)), batch, parity.batch_size,
+            lambda d, t: ctx.progress("PyTorch reference images", d, t)))
         reference = apply_transforms(raw_ref, check.output_transforms)
         runner = check.make_runner(ctx)
-        actual = run_batched(runner, batch, parity.batch_size)
+        actual = run_batched(runner, batch, parity.batch_size,
+                             lambda d, t: ctx.progress(f"{check.check} images", d, t))
         result = compare(reference, actual, tol)
         record = {"backend": runner.describe(), "reference": "torch", "transforms": check.output_transforms,
                   **result.summary(),
@@ -86,12 +95,14 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
             failed = f"parity {check.check}: " + "; ".join(result.failures) + "\n" + result.table(names)
         ctx.log(f"{runner.describe().get('runtime', runner.name)}: max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
                 + (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}" if result.rank1 is not None else ""))
-        return StageResult({}, record, failed)
+        features = featurefile.dumps({"reference": reference, "actual": actual, "images": np.array(names)})
+        return StageResult({features_file: features}, record, failed)
 
     inputs = {f"image[{i:03d}]": p for i, p in enumerate(images)}
     deps = tuple(dict.fromkeys([load.stage] + [a.stage for a in check.artifacts]))
     return Stage(f"parity.{check.check}", run,
                  params={"tolerance": tol, "preprocess": preprocess, "transforms": check.output_transforms,
                          "batch_size": parity.batch_size, "reference": parity.reference},
-                 inputs=inputs, deps=deps, tools=("torch", "onnxruntime"), available=check.available,
+                 inputs=inputs, deps=deps, outputs=(features_file,), tools=("torch", "onnxruntime"),
+                 available=check.available,
                  description=f"compare {check.check} features with PyTorch")
