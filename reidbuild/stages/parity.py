@@ -5,6 +5,7 @@ target re-runs only its own proof. A failing check is recorded as failed in the 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -95,7 +96,11 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
             failed = f"parity {check.check}: " + "; ".join(result.failures) + "\n" + result.table(names)
         ctx.log(f"{runner.describe().get('runtime', runner.name)}: max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
                 + (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}" if result.rank1 is not None else ""))
-        features = featurefile.dumps({"reference": reference, "actual": actual, "images": np.array(names)})
+        # the verdict and tolerances travel with the features, so the report (which depends on this file)
+        # is rebuilt when either changes
+        verdict = json.dumps({"tolerance": tol, "passed": result.passed}, sort_keys=True)
+        features = featurefile.dumps({"reference": reference, "actual": actual, "images": np.array(names),
+                                      "verdict": np.array(verdict)})
         return StageResult({features_file: features}, record, failed)
 
     inputs = {f"image[{i:03d}]": p for i, p in enumerate(images)}
