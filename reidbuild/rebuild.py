@@ -124,7 +124,7 @@ def _artifact_verdict(stage: pipeline.Stage, fname: str, old: lockfile.StageReco
             equivalence["why"] = stage.equivalent(out_dir, scratch)
         why = equivalence["why"]
         return Verdict(stage.name, fname, EQUIVALENT if why is None else DIFFERENT,
-                       "bytes differ; outputs pass parity with the locked artifact's" if why is None else why)
+                       "bytes differ (not byte-reproducible); its equivalence test passed" if why is None else why)
     return Verdict(stage.name, fname, DIFFERENT, first_difference(locked, fresh))
 
 

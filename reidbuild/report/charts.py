@@ -36,13 +36,16 @@ def _width(n: int) -> float:
     return min(max(3.0 + 0.18 * n, 4.0), 10.0)
 
 
-def per_image_bars(values: np.ndarray, title: str, ylabel: str, limit: Optional[float], limit_label: str) -> str:
-    """Bars per parity image on a log axis, with the check's tolerance as a dashed line when it has one."""
+def per_image_bars(values: np.ndarray, title: str, ylabel: str, limit: Optional[float], limit_label: str,
+                   failed: Optional[list[bool]] = None) -> str:
+    """Bars per parity image on a log axis (red: the image failed the check), with the tolerance as a dashed
+    line when it has one."""
     plt = _pyplot()
     vals = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64), nan=1.0, posinf=1.0), FLOOR, None)
     fig, ax = plt.subplots(figsize=(_width(len(vals)), 2.2))
     over = limit is not None and limit > 0
-    colors = ["#c0392b" if over and v > limit else "#2e86c1" for v in vals]
+    bad = failed if failed is not None and len(failed) == len(vals) else [False] * len(vals)
+    colors = ["#c0392b" if b else "#2e86c1" for b in bad]
     ax.bar(np.arange(len(vals)), vals, color=colors)
     ax.set_yscale("log")
     if over:

@@ -114,10 +114,11 @@ def _check_section(c: CheckData, data: ReportData) -> str:
     diff = np.abs(act - ref)
     cos = np.sum(ref * act, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(act, axis=1), 1e-30)
     min_cos = c.tolerance.get("min_cosine")
+    failed = [not r.get("ok", True) for r in c.record.get("per_image") or []]
     uris = [charts.per_image_bars(1.0 - cos, f"{c.name}: per-image cosine, shown as 1 - cosine",
-                                  "1 - cosine", None if min_cos is None else 1.0 - min_cos, "1 - min_cosine"),
+                                  "1 - cosine", None if min_cos is None else 1.0 - min_cos, "1 - min_cosine", failed),
             charts.per_image_bars(diff.max(axis=1), f"{c.name}: per-image max |error|", "max abs error",
-                                  c.tolerance.get("atol"), "atol"),
+                                  c.tolerance.get("atol"), "atol", failed),
             charts.error_histogram(diff, f"{c.name}: element-wise errors")]
     imgs = "".join(f"<img class=\"chart\" alt=\"chart\" src=\"{u}\">" for u in uris)
     return head + f"<div class=\"charts\">{imgs}</div>" + _retrieval(c, data) + "</section>"
