@@ -191,12 +191,26 @@ def apply(manifest: str, as_json: bool, locked: bool, skip_unavailable: bool, fo
     else:
         click.echo(f"ran {len(outcome.ran)} stage(s), {len(outcome.cached)} up to date, "
                    f"{len(outcome.skipped)} skipped in {total:.1f} s; lock: {lm.lock_path}")
+    report = _report_path(lm, outcome.lock)
+    if report is not None and not as_json:
+        click.echo(f"report: {report}")
     if locked and outcome.skipped:
         click.echo("skipped stages (not checked): " + ", ".join(outcome.skipped), err=True)
     if outcome.drift:
         raise CheckFailed("--locked: artifacts differ from the lock: " + ", ".join(outcome.drift))
     if outcome.failed:
         raise CheckFailed("; ".join(outcome.failed))
+
+
+def _report_path(lm: Any, lock: Any) -> Path | None:
+    """The HTML report this build wrote, if it has one (apply ends by naming it)."""
+    rec = lock.stages.get("report")
+    if rec is None or rec.status != "ok":
+        return None
+    path = next((lm.output_dir / f for f in rec.outputs if (lm.output_dir / f).is_file()), None)
+    if path is not None and path.is_relative_to(Path.cwd().resolve()):
+        return path.relative_to(Path.cwd().resolve())
+    return path
 
 
 @main.command()
