@@ -298,7 +298,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
         raise CheckFailed(f"{lock_path}: --locked given but there is no lock file; run apply without --locked first")
     try:
         for stage in stages:
-            if not stage.partial_deps and any(d in skipped_names for d in stage.deps):
+            # --locked writes nothing: a partial report would only differ from the lock's, so skip it too
+            if any(d in skipped_names for d in stage.deps) and (locked or not stage.partial_deps):
                 skipped_names.add(stage.name)
                 outcome.skipped.append(stage.name)
                 emit(Event("skip", stage.name, "upstream stage was skipped"))

@@ -117,3 +117,27 @@ def test_the_bar_shows_an_eta_once_it_can_estimate_one(monkeypatch):
     line = text.decode(errors="replace").split("\r")[-2]  # the last redraw before the bar finished
     assert "engine build: Building engine  [####" in line and "2/10" in line
     assert re.search(r"2/10  \d\d:\d\d:\d\d", line), line  # count, then click's ETA (hh:mm:ss)
+
+
+def test_tensorrt_build_phases_reach_the_progress_callback():
+    """TensorRT (>= 10) reports build phases through an IProgressMonitor subclass; this stand-in base class
+    calls it the way TensorRT does (nested phases are not forwarded: one bar per top-level phase)."""
+    from types import SimpleNamespace
+
+    from reidbuild.tensorrt.build import progress_monitor
+
+    class IProgressMonitor:
+        def __init__(self) -> None:
+            pass
+
+    seen: list[tuple[str, int, int]] = []
+    mon = progress_monitor(SimpleNamespace(IProgressMonitor=IProgressMonitor), lambda *a: seen.append(a))
+    mon.phase_start("Building engine", None, 3)
+    mon.phase_start("Tactic timing", "Building engine", 50)
+    assert mon.step_complete("Tactic timing", 0) is True
+    for step in range(3):
+        assert mon.step_complete("Building engine", step) is True
+    mon.phase_finish("Building engine")
+    assert seen == [("Building engine", 0, 3), ("Building engine", 1, 3), ("Building engine", 2, 3),
+                    ("Building engine", 3, 3)]
+    assert progress_monitor(SimpleNamespace(), lambda *a: None) is None  # TensorRT < 10: no monitor

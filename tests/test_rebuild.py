@@ -120,3 +120,28 @@ def test_verify_rebuild_without_a_lock_is_a_clear_error(tmp_path):
     m = tiny_manifest(tmp_path)
     code, _, err = cli("verify", "--rebuild", str(m))
     assert code == 1 and "no lock file" in err
+
+
+def test_runner_equivalence_passes_a_same_model_and_names_a_changed_one(built, tmp_path):
+    """The equivalence test a non-reproducible backend artifact (a TensorRT engine) gets, shown here with
+    onnxruntime runners: same features -> equivalent; one weight scaled -> different, with the failures."""
+    from reidbuild.manifest import load_manifest
+    from reidbuild.rebuild import runner_equivalence
+    from reidbuild.stages.assemble import assemble
+
+    root, m = built
+    lm = load_manifest(m)
+    factory = assemble(lm).backends["onnxruntime"].factory
+    images = sorted((root / "imgs").glob("*.png"))
+    check = runner_equivalence(factory, images, lm.model.input, {"rtol": 1e-3, "atol": 1e-6, "min_cosine": 0.9999})
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    same.mkdir()
+    changed.mkdir()
+    (same / "tiny.onnx").write_bytes((root / "out" / "tiny.onnx").read_bytes())
+    model = onnx.load(root / "out" / "tiny.onnx")
+    init = next(t for t in model.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(model, changed / "tiny.onnx")
+    assert check(root / "out", same) is None
+    why = check(root / "out", changed)
+    assert why is not None and "outside rtol=0.001" in why

@@ -102,7 +102,7 @@ def _dims(shape: Any) -> list[int]:
     return [int(d) for d in shape]
 
 
-def _progress_monitor(trt: Any, progress: Optional[Callable[[str, int, int], None]]) -> Any:
+def progress_monitor(trt: Any, progress: Optional[Callable[[str, int, int], None]]) -> Any:
     """A TensorRT IProgressMonitor (TensorRT >= 10) forwarding its top-level build phases' steps, or None."""
     base = getattr(trt, "IProgressMonitor", None)
     if progress is None or base is None:
@@ -202,7 +202,7 @@ def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: O
     elif timing_cache:
         cache_state = "reused"
 
-    monitor = _progress_monitor(trt, progress)
+    monitor = progress_monitor(trt, progress)
     if monitor is not None:
         config.progress_monitor = monitor
     say(f"building the engine (batch 1..{settings.batch_size}, workspace {settings.workspace_mib} MiB)")
