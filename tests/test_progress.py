@@ -9,7 +9,6 @@ import re
 import select
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -52,7 +51,7 @@ def in_pty(*args: str) -> tuple[int, str, str]:
 
 
 def test_a_terminal_gets_progress_bars_with_counts(project):
-    root, m = project
+    _root, m = project
     code, out, tty = in_pty("apply", "--force", str(m))
     assert code == 0, tty
     assert BAR in tty and "5/5" in tty and "#" in tty
@@ -61,7 +60,7 @@ def test_a_terminal_gets_progress_bars_with_counts(project):
 
 
 def test_json_stdout_parses_and_carries_no_bar(project):
-    root, m = project
+    _root, m = project
     code, out, tty = in_pty("apply", "--force", "--json", str(m))
     assert code == 0, tty
     doc = json.loads(out)  # nothing but the JSON document on stdout
@@ -72,7 +71,7 @@ def test_json_stdout_parses_and_carries_no_bar(project):
 
 
 def test_quiet_silences_progress(project):
-    root, m = project
+    _root, m = project
     code, out, tty = in_pty("apply", "--force", "--quiet", str(m))
     assert code == 0
     assert "images" not in tty and "==>" not in tty

@@ -82,7 +82,9 @@ def collect(lm: Any, lock: lockfile.Lock, output_dir: Path, order: list[str], ca
     checks = [_check(s, lock.stages[s], output_dir, hashes) for s in stages if s.startswith(PARITY_PREFIX)]
     load = lock.stages.get("load")
     source = {role: entry.get("path") for role, entry in (load.inputs if load else {}).items()}
-    if load is not None and "weights" in load.params:
+    if load is not None and "weights" in load.inputs:
+        source["weights sha256"] = load.inputs["weights"].get("sha256")
+    elif load is not None and "weights" in load.params:  # seeded random weights: no checkpoint file
         source["weights"] = load.params["weights"]
     timeline = [{"stage": s, "seconds": lock.stages[s].seconds, "status": lock.stages[s].status,
                  "cached": s in cached} for s in stages]

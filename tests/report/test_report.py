@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -78,7 +77,7 @@ def test_report_is_a_locked_artifact_rebuilt_only_when_results_change(passing):
     assert features["reference"].shape == features["actual"].shape == (5, 512)
     assert list(features["images"]) == [f"im{i}.png" for i in range(5)]
     # a no-op apply leaves it cached; a changed tolerance changes the parity results, so it is rebuilt
-    code, out, err = cli("apply", str(m))
+    code, _out, err = cli("apply", str(m))
     assert code == 0 and "report: up to date" in err
     m.write_text(m.read_text().replace("backends: [onnxruntime]", "backends: [onnxruntime]\n  rtol: 2.0e-3"))
     try:
@@ -91,7 +90,7 @@ def test_report_is_a_locked_artifact_rebuilt_only_when_results_change(passing):
 
 
 def test_noop_apply_imports_neither_matplotlib_nor_torch(passing):
-    root, m = passing
+    _root, m = passing
     code = ("import sys; from reidbuild.cli import main\n"
             "try:\n    main(['apply', sys.argv[1]])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
             "bad = [x for x in ('matplotlib', 'torch', 'PIL') if x in sys.modules]\nassert not bad, bad\n")
@@ -132,7 +131,7 @@ def test_passing_report_in_headless_chromium(passing, tmp_path):
 
 @needs_chromium
 def test_failing_report_names_the_minimal_tolerances(failing, tmp_path):
-    root, m = failing
+    root, _m = failing
     page = browser.load(root / "out" / "tiny.report.html", tmp_path / "fail.png")
     assert page.errors == [], page.errors
     assert browser.pixel_stddev(page.screenshot) > 20
