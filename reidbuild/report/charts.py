@@ -7,11 +7,31 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import sys
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 FLOOR = 1e-12  # where an exact zero error is drawn on a log axis
+
+
+def configure(scratch: Path) -> None:
+    """Import matplotlib with its config and font cache in ``scratch`` (inside the output folder or a temporary
+    folder), so drawing the report writes nothing to the user's home or cache folders."""
+    if "matplotlib" in sys.modules:
+        return
+    old = os.environ.get("MPLCONFIGDIR")
+    os.environ["MPLCONFIGDIR"] = str(scratch)
+    try:
+        import matplotlib
+        import matplotlib.font_manager  # noqa: F401 - builds the font list now, into ``scratch``
+    finally:
+        if old is None:
+            os.environ.pop("MPLCONFIGDIR", None)
+        else:
+            os.environ["MPLCONFIGDIR"] = old
 
 
 def _pyplot():

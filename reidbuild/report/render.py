@@ -37,8 +37,9 @@ code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}
 """
 
 
-def render(data: ReportData) -> str:
-    """The whole page for ``data``."""
+def render(data: ReportData, scratch: Path) -> str:
+    """The whole page for ``data``; ``scratch`` is a folder matplotlib may write its caches to."""
+    charts.configure(scratch)
     parts = [f"<h1>reidbuild parity report: {_e(data.name)}</h1>", _summary(data)]
     for check in data.checks:
         parts.append(_check_section(check, data))

@@ -30,7 +30,7 @@ def report_stage(lm: LoadedManifest, parity_stages: list[str], order: list[str],
         from ..report import collect, render
 
         data = collect(lm, ctx.lock, ctx.output_dir, order, cached=ctx.up_to_date, skip=(STAGE,))
-        return StageResult({out: render(data).encode()}, {"passed": data.passed, "checks": len(data.checks)})
+        return StageResult({out: render(data, ctx.tempdir()).encode()}, {"passed": data.passed, "checks": len(data.checks)})
 
     def equivalent(locked: Path, rebuilt: Path) -> Optional[str]:
         from ..report.render import embedded_data
