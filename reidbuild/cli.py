@@ -1,6 +1,6 @@
 """The command line: the one place that prints and chooses exit codes.
 
-Exit codes: 0 ok; 1 parity, verify or --locked check failed; 2 invalid manifest, patch, config,
+Exit codes: 0 ok; 1 parity, verify (--rebuild) or --locked check failed; 2 invalid manifest, patch, config,
 checkpoint or image; 3 a backend or tool the manifest needs is unavailable here; 4 another run holds
 the output folder; 5 a stage's tool failed; 6 the file system refused a read or write (disk full,
 permission denied, read-only); 70 internal error (a bug: please report); 130 interrupted.
