@@ -67,6 +67,7 @@ def _check_report_and_rebuild(root: Path, m: Path, apply_stdout: str) -> None:
         page = browser.load(report, root / "demo.png")
         assert page.errors == [] and re.search(r'id="verdict"[^>]*>PASS<', page.dom)
         assert 'id="retrieval-caffe"' in page.dom and 'id="retrieval-onnxruntime"' in page.dom
+        assert page.dom.count('class="chart"') == 2 * 3 + 1  # cosine, max-abs, histogram per check; timeline
     r = CliRunner().invoke(main, ["verify", "--rebuild", "--json", "--quiet", str(m)], catch_exceptions=False)
     doc = json.loads(r.stdout)
     assert r.exit_code == 0 and doc["ok"], doc

@@ -61,7 +61,10 @@ def per_image_bars(values: np.ndarray, title: str, ylabel: str, limit: Optional[
     """Bars per parity image on a log axis (red: the image failed the check), with the tolerance as a dashed
     line when it has one."""
     plt = _pyplot()
-    vals = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64), nan=1.0, posinf=1.0), FLOOR, None)
+    raw = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=1.0, posinf=1.0)
+    vals = np.clip(raw, FLOOR, None)
+    if np.any(raw < FLOOR):
+        ylabel += f" (below {FLOOR:g} drawn at {FLOOR:g})"
     fig, ax = plt.subplots(figsize=(_width(len(vals)), 2.2))
     over = limit is not None and limit > 0
     bad = failed if failed is not None and len(failed) == len(vals) else [False] * len(vals)
