@@ -72,6 +72,11 @@ def _fmt(x: Any) -> str:
     return "-" if x is None else (f"{x:.6g}" if isinstance(x, float) else str(x))
 
 
+def _facts(v: Any) -> str:
+    """``runtime onnxruntime, version 1.32.0, device cpu`` for a backend's description."""
+    return ", ".join(f"{k} {x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+
+
 def _tol_text(tol: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in tol.items() if v is not None) or "none"
 
@@ -108,7 +113,7 @@ def _check_section(c: CheckData, data: ReportData) -> str:
                               ("max_abs", "max_rel", "min_cosine", "rank1_agreement") if k in c.record)
     topk = [k for k in c.record if k.startswith("top") and k.endswith("_overlap")]
     facts += "".join(f" &middot; {_e(k)}: {_e(_fmt(c.record[k]))}" for k in topk)
-    head += f"<p>{_e(', '.join(f'{k} {v}' for k, v in backend.items()))}</p><p class=\"mono\">{facts}</p>"
+    head += f"<p>{_e(_facts(backend))}</p><p class=\"mono\">{facts}</p>"
     if c.reference is None or c.actual is None or c.reference.shape != c.actual.shape:
         return head + f"<p class=\"skip\">{_e(c.note or 'no per-image features recorded')}</p></section>"
     ref, act = c.reference.astype(np.float64), c.actual.astype(np.float64)
@@ -193,7 +198,7 @@ def _artifacts(data: ReportData) -> str:
 def _environment(data: ReportData) -> str:
     env = data.environment
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in env["tools"].items())
-    rows += "".join(f"<tr><td>{_e(k)} runtime</td><td>{_e(v)}</td></tr>" for k, v in env["runtimes"].items())
+    rows += "".join(f"<tr><td>{_e(k)} runtime</td><td>{_e(_facts(v))}</td></tr>" for k, v in env["runtimes"].items())
     rows += "".join(f"<tr><td>TensorRT {_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in env.get("tensorrt", {}).items())
     rows += f"<tr><td>report written on</td><td>{_e(env['report written on'])}</td></tr>"
     return ("<section id=\"environment\"><h2>Environment</h2><table><tr><th>tool</th><th>version</th></tr>"
