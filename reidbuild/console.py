@@ -60,6 +60,19 @@ class Progress:
         self.key = None
 
 
+def event_text(label: str, ev: Any) -> Optional[str]:
+    """The stderr line for a pipeline event (``label`` names the manifest in a fleet), None for none."""
+    where = f"[{label}] " if label else ""
+    return {"start": f"==> {where}{ev.stage}: running ({ev.message})",
+            "done": f"    {where}{ev.stage}: done in {ev.seconds:.1f} s",
+            "cached": f"    {where}{ev.stage}: up to date",
+            "restored": f"    {where}{ev.stage}: restored from cache",
+            "skip": f"    {where}{ev.stage}: SKIPPED ({ev.message})",
+            "fail": f"    {where}{ev.stage}: FAILED in {ev.seconds:.1f} s",
+            "warn": f"warning: {where}{ev.message}",
+            "log": f"    {where}{ev.stage}: {ev.message}"}.get(ev.kind)
+
+
 class EventPrinter:
     """The CLI's ``emit``: stage lines on stderr, progress through ``Progress``, and a log for ``--json``."""
 
@@ -74,10 +87,6 @@ class EventPrinter:
             return
         self.progress.finish()
         self.log.append({"kind": ev.kind, "stage": ev.stage, "message": ev.message, "seconds": round(ev.seconds, 3)})
-        if self.quiet:
-            return
-        text = {"start": f"==> {ev.stage}: running ({ev.message})", "done": f"    {ev.stage}: done in {ev.seconds:.1f} s",
-                "cached": f"    {ev.stage}: up to date", "skip": f"    {ev.stage}: SKIPPED ({ev.message})",
-                "fail": f"    {ev.stage}: FAILED in {ev.seconds:.1f} s", "log": f"    {ev.stage}: {ev.message}"}
-        if ev.kind in text:
-            click.echo(text[ev.kind], err=True)
+        text = event_text("", ev)
+        if text is not None and (not self.quiet or ev.kind == "warn"):  # a cache warning still shows
+            click.echo(text, err=True)

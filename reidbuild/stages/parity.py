@@ -57,6 +57,14 @@ def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
     return np.asarray(features, dtype=np.float32)
 
 
+def _float_environment() -> dict[str, str]:
+    """What the feature file's last bits depend on beyond the fingerprint's tool versions (the shared cache
+    restores a check's result only onto the same kind of machine)."""
+    import platform
+
+    return {"machine": platform.machine(), "system": platform.system()}
+
+
 def features_file_name(model_name: str, check: str) -> str:
     """``<name>.parity.<check>.npz``: the reference and backend features the check compared (for the report)."""
     return f"{model_name}.parity.{check}.npz"
@@ -123,5 +131,5 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
                  available=check.available,
                  # float results may differ in the last bits on another CPU: `apply --locked` does not compare
                  # the feature file's bytes (the check itself is the proof), `verify --rebuild` compares values
-                 reproducible=False, equivalent=equivalent,
+                 reproducible=False, equivalent=equivalent, environment=_float_environment,
                  description=f"compare {check.check} features with PyTorch")

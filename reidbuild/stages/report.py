@@ -43,5 +43,7 @@ def report_stage(lm: LoadedManifest, parity_stages: list[str], order: list[str],
     return Stage(STAGE, run, params={"version": REPORT_VERSION},
                  inputs={f"image[{i:03d}]": p for i, p in enumerate(images)},
                  deps=tuple(parity_stages), outputs=(out,), tools=("matplotlib",), partial_deps=True,
-                 reproducible=False, equivalent=equivalent,
+                 reproducible=False, equivalent=equivalent, reads_lock=True,
+                 # a report from the shared cache shows the same results (with the run times of its build)
+                 environment=lambda: {},
                  description="write the HTML parity report (charts, retrieval view, timeline)")

@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 from click.testing import CliRunner
 
+from tests import helpers
+
 REPO = Path(__file__).resolve().parents[2]
 
 # counters reported at the end of the session (conftest.pytest_terminal_summary) and copied into COUNTS.md
@@ -28,25 +30,12 @@ ARTIFACTS = ("tiny.fastreid.json", "tiny.export.onnx", "tiny.onnx", "tiny.parity
 # the HTML report records each run's stage timings: its bytes differ run to run (checked for being whole, not
 # for its bytes), as do the lock's ``seconds`` and the report's sha256 in it (see ``stable_lock``)
 VOLATILE = ("tiny.report.html",)
+stable_lock = helpers.stable_lock
 
 # a temp file of fsutil.atomic_write (".NAME.tmp-PID-HEX") or a stage scratch folder (".tmp-work-...")
 TEMP_RE = re.compile(r"^\.(.+\.tmp-\d+-[0-9a-f]+|tmp-work-.*)$")
 START_RE = re.compile(r"^==> (\S+): running")
 END_RE = re.compile(r"^    (\S+): (done in|FAILED in)")
-
-
-def stable_lock(text: str) -> str:
-    """The lock without what differs between two clean builds: stage durations and the report's hash/size."""
-    import yaml
-
-    doc = yaml.safe_load(text)
-    for rec in doc.get("stages", {}).values():
-        rec.pop("seconds", None)
-        for name, entry in rec.get("outputs", {}).items():
-            if name in VOLATILE:
-                entry.pop("sha256", None)
-                entry.pop("size", None)
-    return yaml.safe_dump(doc, sort_keys=True)
 
 
 def count(key: str, n: int = 1) -> None:
