@@ -116,7 +116,7 @@ def test_json_output(built):
     doc = json.loads(out)
     assert code == 0 and doc["ran"] == [] and len(doc["cached"]) == 5
     code, out, _ = cli("plan", "--json", str(m))
-    assert [s["stale"] for s in json.loads(out)["stages"]] == [False] * 4
+    assert [s["stale"] for s in json.loads(out)["stages"]] == [False] * 5
 
 
 def test_infer_writes_features_equal_to_torch(built, tmp_path):
