@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
 from .. import featurefile
 from ..backends.base import Runner, run_batched
@@ -18,7 +19,7 @@ from ..compare import TOLERANCE_KEYS, compare
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
-from .load import model_from
+from .load import model_from, release_model
 
 
 @dataclass
@@ -50,6 +51,8 @@ def fp32_profile(lm: LoadedManifest) -> dict[str, Any]:
 
 def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
     """Apply to the reference what graph patches declared they do to the output (e.g. l2_normalize)."""
+    import numpy as np
+
     from ..patches import apply_output_transform
 
     for t in transforms:
@@ -87,9 +90,15 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
 
         batch = ctx.cached("parity_images", lambda: load_images(images, inp.height, inp.width, inp.color,
                                                                 inp.interpolation))
+<<<<<<< HEAD
         raw_ref = ctx.cached("parity_reference", lambda: run_batched(
             TorchRunner(model_from(ctx, lm, cfg)), batch, parity.batch_size,
             lambda d, t: ctx.progress("PyTorch reference images", d, t)))
+=======
+        raw_ref = ctx.cached("parity_reference", lambda: run_batched(TorchRunner(model_from(ctx, lm, cfg)),
+                                                                     batch, parity.batch_size))
+        release_model(ctx)  # every parity check shares the one reference pass above
+>>>>>>> main
         reference = apply_transforms(raw_ref, check.output_transforms)
         runner = check.make_runner(ctx)
         actual = run_batched(runner, batch, parity.batch_size,
