@@ -489,14 +489,9 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             outputs[stage.name] = out_entries
             if not locked:
                 new.stages[stage.name] = lockfile.StageRecord(
-<<<<<<< HEAD
-                    fingerprint=fp, status=status, params=lockfile._plain(stage.params), inputs=inputs,
+                    fingerprint=fp, status=status, params=lockfile.plain(stage.params), inputs=inputs,
                     outputs=out_entries, record=result.record, tools=tool_versions(stage.tools),
                     seconds=round(seconds, 3))
-=======
-                    fingerprint=fp, status=status, params=lockfile.plain(stage.params), inputs=inputs,
-                    outputs=out_entries, record=result.record, tools=tool_versions(stage.tools))
->>>>>>> main
                 if not restored:  # a restore is cheap to redo: its entry waits for the next write of the lock
                     lockfile.write(lock_path, new)
             if store is not None and key is not None and not locked and not restored:

@@ -191,12 +191,8 @@ def check_qdq_for_tensorrt(model: Any) -> None:
 
 def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", percentile: float = 99.999,
                   workdir: Path, log: Optional[Callable[[str], None]] = None,
-<<<<<<< HEAD
                   progress: Optional[Callable[[int, int], None]] = None,
-                  quantize_bias: bool = False,
-=======
                   quantize_bias: bool = False, cpu: bool = False, float_stem: bool = True,
->>>>>>> main
                   adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> tuple[bytes, dict[str, Any]]:
     """float32 ONNX bytes + calibration images (float32 [N,3,H,W] RGB 0..255) -> (Q/DQ ONNX bytes, record).
 

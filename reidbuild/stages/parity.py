@@ -90,15 +90,10 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
 
         batch = ctx.cached("parity_images", lambda: load_images(images, inp.height, inp.width, inp.color,
                                                                 inp.interpolation))
-<<<<<<< HEAD
         raw_ref = ctx.cached("parity_reference", lambda: run_batched(
             TorchRunner(model_from(ctx, lm, cfg)), batch, parity.batch_size,
             lambda d, t: ctx.progress("PyTorch reference images", d, t)))
-=======
-        raw_ref = ctx.cached("parity_reference", lambda: run_batched(TorchRunner(model_from(ctx, lm, cfg)),
-                                                                     batch, parity.batch_size))
         release_model(ctx)  # every parity check shares the one reference pass above
->>>>>>> main
         reference = apply_transforms(raw_ref, check.output_transforms)
         runner = check.make_runner(ctx)
         actual = run_batched(runner, batch, parity.batch_size,
