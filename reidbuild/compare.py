@@ -157,4 +157,6 @@ def as_dict(c: Comparison) -> dict[str, Any]:
 def nearest_neighbours(feats: np.ndarray, k: int) -> np.ndarray:
     """Each row's ``k`` most cosine-similar other rows (indices, best first): the retrieval the parity
     checks and the report's retrieval view share."""
+    import numpy as np
+
     return _neighbours(np.asarray(feats, dtype=np.float64), min(k, max(len(feats) - 1, 0)))

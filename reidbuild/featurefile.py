@@ -9,16 +9,20 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # imported where used: planning a build (a no-op apply) must not pay for numpy
+    import numpy as np
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 
 
 def dumps(arrays: dict[str, np.ndarray]) -> bytes:
     """The ``.npz`` bytes of ``arrays`` (members in sorted order, fixed timestamps, no pickles)."""
+    import numpy as np
+
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name in sorted(arrays):
@@ -33,6 +37,8 @@ def dumps(arrays: dict[str, np.ndarray]) -> bytes:
 
 def load(path: Path) -> dict[str, np.ndarray]:
     """Every array in the ``.npz`` at ``path``; a damaged file is an InputError naming it."""
+    import numpy as np
+
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: np.asarray(data[k]) for k in data.files}

@@ -111,6 +111,8 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
         # the verdict and tolerances travel with the features, so the report (which depends on this file)
         # is rebuilt when either changes
         verdict = json.dumps({"tolerance": tol, "passed": result.passed}, sort_keys=True)
+        import numpy as np
+
         features = featurefile.dumps({"reference": reference, "actual": actual, "images": np.array(names),
                                       "verdict": np.array(verdict)})
         return StageResult({features_file: features}, record, failed)
