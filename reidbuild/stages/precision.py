@@ -126,7 +126,8 @@ def int8_stage(target: Union[TensorRTTarget, OnnxInt8CpuTarget], source: Artifac
         ctx.log(f"calibrating on {len(images)} image(s), method {cal.method}")
         data, record = int8.quantize_int8(ctx.artifact(source.file).read_bytes(), images, method=cal.method,
                                           percentile=cal.percentile, workdir=ctx.tempdir() / kind,
-                                          log=ctx.log, adapt=adapt, cpu=cpu)
+                                          log=ctx.log, adapt=adapt, cpu=cpu,
+                                          progress=lambda d, t: ctx.progress("calibration images", d, t))
         _smoke_test(data, input, out, adapt)
         return StageResult({out: data}, record)
 

@@ -245,5 +245,6 @@ def test_odd_but_valid_images_just_work(project):
     par = lockfile.read(project.root / "m.lock").stages["parity.onnxruntime"]
     assert par.status == "ok" and par.record["passed"]
     assert set(made) <= {r["image"] for r in par.record["per_image"]}
-    assert {n: sha(project.out / n) for n in project.artifacts} == project.artifacts
+    same = [n for n in project.artifacts if ".parity." not in n]  # the parity features now cover more images
+    assert {n: sha(project.out / n) for n in same} == {n: project.artifacts[n] for n in same}
     count("inputs: odd valid images accepted", len(made))
