@@ -31,6 +31,9 @@ class StageResult:
     record: dict[str, Any] = field(default_factory=dict)
     failed: Optional[str] = None  # a check stage sets this: recorded as failed, apply exits 1
     sha256: dict[str, str] = field(default_factory=dict)  # outputs' hashes already checked (restored from cache)
+    # how long the stage ran where it was built: a restore keeps the builder's figure, so a restored lock (and
+    # the report that shows the timeline) is byte-identical to the builder's
+    seconds: Optional[float] = None
 
 
 @dataclass
@@ -466,6 +469,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 raise StageFailed(f"stage {stage.name} produced {sorted(result.outputs)}, declared {list(stage.outputs)}")
             seconds = time.perf_counter() - t0
             outcome.timings[stage.name] = seconds
+            if result.seconds is None:
+                result.seconds = round(seconds, 3)
             out_entries: dict[str, dict[str, Any]] = {}
             for fname in stage.outputs:
                 # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
@@ -491,7 +496,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 new.stages[stage.name] = lockfile.StageRecord(
                     fingerprint=fp, status=status, params=lockfile.plain(stage.params), inputs=inputs,
                     outputs=out_entries, record=result.record, tools=tool_versions(stage.tools),
-                    seconds=round(seconds, 3))
+                    seconds=result.seconds)
                 if not restored:  # a restore is cheap to redo: its entry waits for the next write of the lock
                     lockfile.write(lock_path, new)
             if store is not None and key is not None and not locked and not restored:

@@ -100,7 +100,7 @@ CONFIGS = {
     "config alias bomb": ("MODEL:\n  META_ARCHITECTURE: Baseline\n" + BOMB, "config.yml"),
     "config deep nesting": ("[" * 5000 + "]" * 5000, "config.yml"),
     "config non-UTF-8": ("MODEL:\n  META_ARCHITECTURE: Basel\xefne\n".encode("latin-1"), "config.yml"),
-    "config unsupported backbone": ("MODEL:\n  BACKBONE:\n    NAME: build_vit_backbone\n", "build_vit_backbone"),
+    "config unsupported backbone": ("MODEL:\n  BACKBONE:\n    NAME: build_osnet_backbone\n", "build_osnet_backbone"),
     "config _BASE_ cycle": ("_BASE_: config.yml\n", "config.yml"),
     "config _BASE_ missing": ("_BASE_: nowhere.yml\n", "nowhere.yml"),
 }
