@@ -122,14 +122,18 @@ class Tolerance(_Strict):
     min_rank1: Optional[float] = Field(None, ge=0, le=1, description="Rank-1 agreement with the reference.")
     topk: Optional[int] = Field(None, ge=1)
     min_topk_overlap: Optional[float] = Field(None, ge=0, le=1)
+    compare: Optional[Literal["normalized", "raw"]] = Field(None, description="What rtol/atol apply to.")
 
 
 class Parity(_Strict):
     images: str
     reference: Literal["torch"] = "torch"
+    compare: Literal["normalized", "raw"] = Field(
+        "normalized", description="rtol/atol apply to the L2-normalised features (what re-id matching uses) "
+        "or to the raw features.")
     rtol: float = Field(1e-3, ge=0)
     atol: float = Field(1e-6, ge=0)
-    min_cosine: Optional[float] = Field(None, ge=-1, le=1)
+    min_cosine: Optional[float] = Field(None, ge=-1, le=1, description="Default 0.9999 for fp32 checks.")
     backends: list[Literal["onnxruntime", "caffe", "tensorrt"]] = Field(min_length=1)
     overrides: dict[Literal["onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8"], Tolerance] = Field(
         default_factory=dict, description="Per-backend tolerance overrides."

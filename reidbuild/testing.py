@@ -12,6 +12,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .probe import person_like_images  # noqa: F401 (one generator: the self-checks' probe)
+
 
 def _seeded_init(model: "torch.nn.Module", seed: int) -> None:  # noqa: F821
     """He-normal convolutions/linears and varied BatchNorm affines, all from one seed."""
@@ -58,7 +60,7 @@ def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: i
             chunk = images[start:start + batch]
             if len(chunk) < 2:  # BatchNorm in train mode needs two samples
                 chunk = images[-2:]
-            model(torch.from_numpy(np.ascontiguousarray(chunk)))
+            model(torch.tensor(np.asarray(chunk, dtype=np.float32)))  # a copy: fast-reid normalises its input in place
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
     model.eval()
@@ -69,27 +71,6 @@ def make_trained_like(model: "torch.nn.Module", images: np.ndarray, seed: int = 
     _seeded_init(model, seed)
     measure_bn_statistics(model, images)
     return model
-
-
-def person_like_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    """``count`` deterministic person-like images (float32 NCHW, 0..255): smooth backgrounds, a figure
-    in varied colours, mild sensor noise. Enough variety to measure BatchNorm statistics and to give each image
-    its own feature; written for tests and benchmarks, which may not download data."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    out = np.empty((count, 3, height, width), np.float32)
-    for i in range(count):
-        bg = rng.uniform(30, 220, 3)[:, None, None] + rng.uniform(-70, 70, 3)[:, None, None] * (y / height)
-        img = np.broadcast_to(bg, (3, height, width)).copy()
-        cx = width * rng.uniform(0.35, 0.65)
-        parts = [(0.08, 0.2, 0.10), (0.2, 0.55, 0.22), (0.55, 0.95, 0.16)]  # head, torso, legs
-        for top, bottom, half in parts:
-            colour = rng.uniform(0, 255, 3)[:, None]
-            mask = (y >= top * height) & (y < bottom * height) & (np.abs(x - cx) < half * width)
-            img[:, mask] = colour
-        img += rng.normal(0, 5, img.shape).astype(np.float32)
-        out[i] = np.clip(img, 0, 255)
-    return out
 
 
 def feature_cosines(features: Iterable[np.ndarray]) -> np.ndarray:

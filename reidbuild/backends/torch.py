@@ -15,8 +15,8 @@ class TorchRunner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+        with torch.inference_mode():  # a copy: fast-reid's own models normalise their input in place
+            out = self.model(torch.tensor(np.asarray(batch, dtype=np.float32)))
         return out.detach().cpu().numpy().astype(np.float32)
 
     def describe(self) -> dict[str, Any]:

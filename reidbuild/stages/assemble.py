@@ -15,6 +15,7 @@ from typing import Callable, Optional
 from ..backends.base import Runner
 from ..manifest import LoadedManifest
 from ..pipeline import Stage
+from ..probe import PROBE_COUNT
 from . import ArtifactRef
 from .load import load_stage
 from .onnx import export_stage, simplify_stage
@@ -71,6 +72,10 @@ def assemble(lm: LoadedManifest) -> Assembly:
 
     load, load_ref, cfg = load_stage(lm)
     stages.append(load)
+    parity = m.parity
+    images: Optional[list[Path]] = lm.images("parity", "images") if parity else None
+    # the self-checks of every ONNX-writing stage run on the first parity images (person-like ones without)
+    probe_paths = images[:PROBE_COUNT] if images else None
 
     # ONNX chain: the last ONNX stage writes <name>.onnx
     onnx_t = m.targets.onnx
@@ -78,10 +83,10 @@ def assemble(lm: LoadedManifest) -> Assembly:
     chain = ["export"] + (["simplify"] if onnx_t.simplify else []) + (["patch"] if onnx_patches else [])
     files = {"export": f"{name}.export.onnx", "simplify": f"{name}.sim.onnx", "patch": f"{name}.onnx"}
     files[chain[-1]] = f"{name}.onnx"
-    st, ref = export_stage(lm, cfg, load_ref, files["export"])
+    st, ref = export_stage(lm, cfg, load_ref, files["export"], probe_paths)
     stages.append(st)
     if onnx_t.simplify:
-        st, ref = simplify_stage(lm, ref, files["simplify"])
+        st, ref = simplify_stage(lm, ref, files["simplify"], probe_paths)
         stages.append(st)
     graph_ref = ref  # the single source for Caffe: simplified, before ONNX-only patches
     onnx_transforms: list[str] = []
@@ -91,7 +96,7 @@ def assemble(lm: LoadedManifest) -> Assembly:
         from .patch import patch_stage
 
         st = patch_stage("onnx", onnx_patches, [ref], [files["patch"]], name, dialect=None,
-                         check_input_shape=(1, 3, h, w))
+                         check_input_shape=(1, 3, h, w), probe_input=m.input, probe_paths=probe_paths)
         stages.append(st)
         ref = ArtifactRef(st.name, files["patch"])
         onnx_transforms = output_transforms(onnx_patches)
@@ -127,9 +132,6 @@ def assemble(lm: LoadedManifest) -> Assembly:
                                          available=lambda: caffe_backend.available("auto"),
                                          output_transforms=caffe_transforms)
 
-    parity = m.parity
-    images: Optional[list[Path]] = lm.images("parity", "images") if parity else None
-
     def check(name_: str, profile: dict) -> ParityCheck:
         b = backends[name_]
         return ParityCheck(name_, b.artifacts, lambda ctx, f=b.factory: f(ctx.artifact), profile,
@@ -156,7 +158,7 @@ def assemble(lm: LoadedManifest) -> Assembly:
         from ..patches import adapt_input
 
         made = precision_stage(tt, final_onnx, name, calib, m.input,
-                               adapt=lambda b: adapt_input(layout, b, m.input.color))
+                               adapt=lambda b: adapt_input(layout, b, m.input.color), probe_paths=probe_paths)
         engine_src = final_onnx
         if made is not None:
             st, engine_src = made

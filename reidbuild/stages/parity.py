@@ -1,7 +1,9 @@
 """Parity stages: prove each backend computes the PyTorch model's features on real images.
 
 One stage per check (``parity.onnxruntime``, ``parity.onnx_int8``, ``parity.caffe``, ...), so editing one
-target re-runs only its own proof. A failing check is recorded as failed in the lock and exits 1.
+target re-runs only its own proof. A failing check is recorded as failed in the lock (with the smallest
+rtol/atol that would have passed) and exits 1. The comparison mode (``parity.compare``, per check
+``overrides.<check>.compare``) is a parameter of the stage and is recorded with its result.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 
 from ..backends.base import Runner, run_batched
 from ..compare import TOLERANCE_KEYS, compare
+from ..precision.profiles import default_tolerance
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
@@ -31,19 +34,40 @@ class ParityCheck:
     output_transforms: list[str] = field(default_factory=list)  # declared by graph patches (changes_output)
 
 
-def tolerance_for(lm: LoadedManifest, check: ParityCheck) -> dict[str, Any]:
-    """Profile defaults, then the manifest's parity section (for fp32 checks), then per-check overrides."""
+RETRIEVAL_KEYS = ("min_rank1", "min_topk_overlap")
+
+
+def tolerance_for(lm: LoadedManifest, check: ParityCheck, n_images: int = 3) -> dict[str, Any]:
+    """Profile defaults, then the manifest's parity section (for fp32 checks), then per-check overrides.
+
+    Retrieval agreement needs three images; with fewer, the profile's retrieval thresholds are dropped (an
+    override that asks for them still fails, saying why)."""
     tol = {k: check.profile.get(k) for k in TOLERANCE_KEYS}
+    if n_images < 3:
+        tol.update({k: None for k in RETRIEVAL_KEYS})
     override = lm.model.parity.overrides.get(check.check) if lm.model.parity else None
     if override is not None:
-        tol.update({k: v for k, v in override.model_dump().items() if v is not None})
+        tol.update({k: v for k, v in override.model_dump().items() if v is not None and k in TOLERANCE_KEYS})
     return tol
 
 
+def mode_for(lm: LoadedManifest, check: ParityCheck) -> str:
+    """What rtol/atol compare: the check's override, else ``parity.compare`` (default normalized)."""
+    parity = lm.model.parity
+    assert parity is not None
+    override = parity.overrides.get(check.check)
+    return override.compare if override is not None and override.compare else parity.compare
+
+
 def fp32_profile(lm: LoadedManifest) -> dict[str, Any]:
+    """The fp32 defaults with the parity section's rtol/atol (and min_cosine when given)."""
     p = lm.model.parity
     assert p is not None
-    return {"rtol": p.rtol, "atol": p.atol, "min_cosine": p.min_cosine}
+    tol = default_tolerance("fp32")
+    tol.update({"rtol": p.rtol, "atol": p.atol})
+    if p.min_cosine is not None:
+        tol["min_cosine"] = p.min_cosine
+    return tol
 
 
 def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
@@ -60,7 +84,8 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
     parity = lm.model.parity
     assert parity is not None
     inp = lm.model.input
-    tol = tolerance_for(lm, check)
+    tol = tolerance_for(lm, check, len(images))
+    mode = mode_for(lm, check)
     preprocess = {"height": inp.height, "width": inp.width, "color": inp.color,
                   "interpolation": inp.interpolation, "layout": "NCHW float32 0..255"}
     names = [p.name for p in images]
@@ -76,22 +101,24 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
         reference = apply_transforms(raw_ref, check.output_transforms)
         runner = check.make_runner(ctx)
         actual = run_batched(runner, batch, parity.batch_size)
-        result = compare(reference, actual, tol)
+        result = compare(reference, actual, tol, mode)
         record = {"backend": runner.describe(), "reference": "torch", "transforms": check.output_transforms,
                   **result.summary(),
                   "per_image": [{"image": names[r.index], "max_abs": float(f"{r.max_abs:.4g}"),
                                  "cosine": float(f"{r.cosine:.8f}"), "ok": r.ok} for r in result.images]}
         failed = None
         if not result.passed:
-            failed = f"parity {check.check}: " + "; ".join(result.failures) + "\n" + result.table(names)
-        ctx.log(f"{runner.describe().get('runtime', runner.name)}: max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
+            hint = result.suggestion_text()
+            failed = (f"parity {check.check}: " + "; ".join(result.failures) + ("\n" + hint if hint else "")
+                      + "\n" + result.table(names))
+        ctx.log(f"{runner.describe().get('runtime', runner.name)}: {mode} max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
                 + (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}" if result.rank1 is not None else ""))
         return StageResult({}, record, failed)
 
     inputs = {f"image[{i:03d}]": p for i, p in enumerate(images)}
     deps = tuple(dict.fromkeys([load.stage] + [a.stage for a in check.artifacts]))
     return Stage(f"parity.{check.check}", run,
-                 params={"tolerance": tol, "preprocess": preprocess, "transforms": check.output_transforms,
+                 params={"tolerance": tol, "compare": mode, "preprocess": preprocess, "transforms": check.output_transforms,
                          "batch_size": parity.batch_size, "reference": parity.reference},
                  inputs=inputs, deps=deps, tools=("torch", "onnxruntime"), available=check.available,
                  description=f"compare {check.check} features with PyTorch")
