@@ -184,10 +184,10 @@ def compare(reference: np.ndarray, actual: np.ndarray, tol: dict[str, Any], mode
     if len(raw_ref) == 0:
         return Comparison([], float("inf"), float("inf"), -1.0, None, None, topk, tol, ["no images were compared"],
                           mode)
-    if not np.all(np.isfinite(raw_ref)):
-        failures.append("the reference features contain NaN/Inf")
-    if not np.all(np.isfinite(raw_act)):
-        failures.append("the backend's features contain NaN/Inf")
+    for what, values in (("the reference features", raw_ref), ("the backend's features", raw_act)):
+        rows = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+        if len(rows):
+            failures.append(f"{what} contain NaN/Inf for {len(rows)} image(s) (first: #{rows[0]})")
     if not np.any(raw_act) and np.any(raw_ref):
         failures.append("the backend returned all zeros")
     else:

@@ -70,12 +70,12 @@ def assemble(lm: LoadedManifest) -> Assembly:
     stages: list[Stage] = []
     backends: dict[str, BackendBuild] = {}
 
-    load, load_ref, cfg = load_stage(lm)
-    stages.append(load)
     parity = m.parity
     images: Optional[list[Path]] = lm.images("parity", "images") if parity else None
-    # the self-checks of every ONNX-writing stage run on the first parity images (person-like ones without)
+    # the self-checks of load and every ONNX-writing stage run on the first parity images (person-like without)
     probe_paths = images[:PROBE_COUNT] if images else None
+    load, load_ref, cfg = load_stage(lm, probe_paths)
+    stages.append(load)
 
     # ONNX chain: the last ONNX stage writes <name>.onnx
     onnx_t = m.targets.onnx

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from ..manifest import LoadedManifest, RandomSource
 from ..pipeline import Stage, StageContext, StageResult
-from . import ArtifactRef
+from . import ArtifactRef, probe_for
 
 STAGE = "load"
 
@@ -49,8 +49,14 @@ def model_from(ctx: StageContext, lm: LoadedManifest, cfg: dict[str, Any]) -> An
     return ctx.cached("torch_model", lambda: build_torch_model(lm, cfg))
 
 
-def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
-    """Validates the config now (plan time) so config errors surface before any work."""
+def load_stage(lm: LoadedManifest, probe_paths: Optional[Sequence[Path]] = None) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
+    """Validates the config now (plan time) so config errors surface before any work.
+
+    The built model must give finite features on the self-check images (``probe_paths``, the first parity
+    images, or person-like images): a model that gives NaN/Inf on realistic input is the checkpoint's problem
+    (exit 2), named here once instead of blamed on every later tool. A blank or noise image proves nothing:
+    GeM pooling and non-local blocks may overflow on it in PyTorch itself.
+    """
     import numpy as np
 
     cfg = model_config(lm)
@@ -65,15 +71,19 @@ def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
     h, w = lm.model.input.height, lm.model.input.width
 
     def run(ctx: StageContext) -> StageResult:
-        import torch
+        from ..backends.torch import TorchRunner
+        from ..selfcheck import nonfinite_rows
 
         model = model_from(ctx, lm, cfg)
-        with torch.inference_mode():
-            feat = model(torch.zeros(1, 3, h, w)).numpy()
-        if feat.ndim != 2 or not np.all(np.isfinite(feat)):
+        probe = probe_for(ctx, lm.model.input, probe_paths)
+        feat = np.asarray(TorchRunner(model).infer(probe.images))
+        bad = nonfinite_rows(feat) if feat.ndim == 2 else list(range(len(feat)))
+        if bad:
             from ..errors import CheckpointError
 
-            raise CheckpointError(f"{src.weights}: the model gives non-finite features on a blank image")
+            raise CheckpointError(f"{src.weights}: the model gives non-finite features (NaN/Inf) in PyTorch on "
+                                  f"{probe.names[bad[0]]} ({len(bad)} of {len(feat)} {probe.source}): the "
+                                  "checkpoint or config is broken, no conversion can fix that")
         weights = ctx.inputs["weights"]["sha256"] if "weights" in ctx.inputs else weights_param
         summary = {"model": model_params(cfg), "weights": weights, "feature_dim": int(feat.shape[1]),
                    "parameters": int(sum(p.numel() for p in model.parameters())),

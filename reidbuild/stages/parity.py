@@ -109,6 +109,11 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
         failed = None
         if not result.passed:
             hint = result.suggestion_text()
+            own = [names[i] for i in range(len(raw_ref)) if not np.all(np.isfinite(raw_ref[i]))]
+            if own:  # the model's own behaviour: no backend can be blamed for it
+                hint = (f"PyTorch itself gives non-finite features on {own[0]}"
+                        + (f" and {len(own) - 1} more image(s)" if len(own) > 1 else "")
+                        + ": the model's own behaviour, not the backend's" + ("\n" + hint if hint else ""))
             failed = (f"parity {check.check}: " + "; ".join(result.failures) + ("\n" + hint if hint else "")
                       + "\n" + result.table(names))
         ctx.log(f"{runner.describe().get('runtime', runner.name)}: {mode} max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
