@@ -136,9 +136,11 @@ def _round_up(x: float) -> float:
     """``x`` rounded up to two significant digits (a tolerance to write into a manifest)."""
     if x <= 0.0:
         return 0.0
-    step = 10.0 ** (np.floor(np.log10(x)) - 1)
-    value = float(f"{np.ceil(x / step) * step:.2g}")
-    return value if value >= x else float(f"{value + step:.2g}")
+    value = float(f"{x:.2g}")
+    if value >= x:
+        return value
+    step = 10.0 ** (int(f"{value:.1e}".split("e")[1]) - 1)
+    return float(f"{value + step:.2g}")
 
 
 def smallest_tolerances(reference: np.ndarray, actual: np.ndarray, rtol: Optional[float], atol: Optional[float],

@@ -63,7 +63,7 @@ def fastreid_model(kind: str, nl_scale: float = 0.1):
 
 
 def write_project(root: Path, kind: str, model, cfg, *, images: list[Path], caffe: bool = True,
-                  parity: bool = True) -> Path:
+                  parity: bool = True, simplify: bool = True) -> Path:
     """config.yml as fast-reid's ``cfg.dump()`` writes it after training (cuda, PRETRAIN), model_final.pth as
     its Checkpointer saves it, the parity images, and a manifest; returns the manifest path."""
     from reidbuild.fastreid.checkpoint import make_checkpoint
@@ -83,8 +83,8 @@ def write_project(root: Path, kind: str, model, cfg, *, images: list[Path], caff
         input: {{height: {H}, width: {W}}}
         output_dir: out
         """)
-    if caffe:
-        text += "targets:\n  caffe: {dialect: ceil_mode}\n"
+    targets = ("  caffe: {dialect: ceil_mode}\n" if caffe else "") + ("" if simplify else "  onnx: {simplify: false}\n")
+    text += "targets:\n" + targets if targets else ""
     if parity:
         text += "parity:\n  images: imgs/*\n  backends: [onnxruntime" + (", caffe" if caffe else "") + "]\n"
     m = root / "m.yml"
@@ -216,8 +216,9 @@ CORRUPTIONS = {"dropped BN": (_drop_bn, False), "wrong mean/std": (_wrong_mean_s
                "BGR fed for RGB": (None, True), "avg instead of GeM pooling": (_avg_pool, False)}
 
 
-def _parity(manifest: Path, onnx_path: Path, swap_channels: bool, tmp: Path):
-    """The real parity stage (default tolerances, as assembled from the manifest) run on ``onnx_path``."""
+def _parity(manifest: Path, onnx_path: Path, swap_channels: bool, tmp: Path, cache: dict):
+    """The real parity stage (default tolerances, as assembled from the manifest) run on ``onnx_path``;
+    ``cache`` keeps the PyTorch model and reference features between runs, as within one ``apply``."""
     from reidbuild.backends.onnxruntime import OnnxRuntimeRunner
     from reidbuild.manifest import load_manifest
     from reidbuild.pipeline import StageContext
@@ -230,28 +231,33 @@ def _parity(manifest: Path, onnx_path: Path, swap_channels: bool, tmp: Path):
     check = ParityCheck("onnxruntime", [ArtifactRef("x", onnx_path.name)],
                         lambda ctx: OnnxRuntimeRunner(onnx_path, adapt=feed), fp32_profile(lm))
     stage = parity_stage(lm, model_config(lm), ArtifactRef("load", "x"), check, lm.images("parity", "images"))
-    return stage.run(StageContext(tmp, {}, lambda _: None))
+    return stage.run(StageContext(tmp, cache, lambda _: None))
+
+
+@pytest.fixture(scope="module")
+def agw_cache(built, tmp_path_factory) -> dict:
+    """One parity-stage cache for the corruption tests; the real artifact passes through the same stage."""
+    m, code, err = built["agw"]
+    assert code == 0, err
+    cache: dict = {}
+    control = _parity(m, m.parent / "out" / "agw.onnx", False, tmp_path_factory.mktemp("control"), cache)
+    assert control.failed is None and control.record["passed"], control.record
+    return cache
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
-def test_each_corruption_fails_parity_with_the_defaults(built, tmp_path, case):
-    from reidbuild.manifest import load_manifest
-    from reidbuild.stages.load import build_torch_model, model_config
+def test_each_corruption_fails_parity_with_the_defaults(built, agw_cache, tmp_path, case):
     from reidbuild.stages.onnx import export_onnx
 
-    m, code, err = built["agw"]
-    assert code == 0, err
+    m = built["agw"][0]
     corrupt, swap = CORRUPTIONS[case]
-    control = _parity(m, m.parent / "out" / "agw.onnx", False, tmp_path)
-    assert control.failed is None and control.record["passed"], control.record  # the real artifact passes
-    lm = load_manifest(m)
-    model = build_torch_model(lm, model_config(lm))
+    model = agw_cache["torch_model"]
     if corrupt is not None:
         with torch.no_grad():
             model = corrupt(copy.deepcopy(model))
     path = tmp_path / "corrupt.onnx"
     path.write_bytes(export_onnx(model.eval(), H, W, 17, True))
-    result = _parity(m, path, swap, tmp_path)
+    result = _parity(m, path, swap, tmp_path, agw_cache)
     assert result.failed is not None and result.record["passed"] is False, result.record
     assert "values outside rtol=0.001 atol=1e-06 (L2-normalised features)" in result.failed
     assert "smallest passing tolerance on the normalized features" in result.failed
@@ -282,7 +288,7 @@ def test_nan_that_pytorch_gives_on_a_parity_image_is_named_as_the_models(tmp_pat
     last = tmp_path / "last" / "imgs"
     last.mkdir(parents=True)
     shutil.copy(alpha, last / "z99_alpha.png")
-    m = write_project(tmp_path / "last", "agw", model, cfg, images=CAMERA_IMAGES[:4], caffe=False)
+    m = write_project(tmp_path / "last", "agw", model, cfg, images=CAMERA_IMAGES[:4], caffe=False, simplify=False)
     code, _, err = cli("apply", m)
     assert code == 1 and "PyTorch itself gives non-finite features on z99_alpha.png" in err, err
     assert "the reference features contain NaN/Inf" in err and "onnxruntime gives non-finite" not in err
