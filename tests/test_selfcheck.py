@@ -62,7 +62,6 @@ def test_same_graph_is_judged_on_the_output_scale():
 
 def _onnx_scale(batch):
     """A tiny graph: output = input * 2 flattened, with a fixed or symbolic batch."""
-    import onnx
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 8, 4])

@@ -667,7 +667,13 @@ def check_model(model: Any, input_shape: tuple[int, int, int, int], what: str,
     sess = selfcheck.open_session(data, f"{what}: the patched graph")
     dim0 = sess.get_inputs()[0].shape[0] if sess.get_inputs() and sess.get_inputs()[0].shape else input_shape[0]
     sizes = [dim0] if isinstance(dim0, int) and dim0 > 0 else [input_shape[0], input_shape[0] + 1]
-    src_sess = selfcheck.open_session(source.SerializeToString(), what) if source is not None else None
+    unpatched: dict[str, Any] = {}  # the unpatched graph's session, opened only if an output is non-finite
+
+    def source_session() -> Any:
+        if source is not None and "s" not in unpatched:
+            unpatched["s"] = selfcheck.open_session(source.SerializeToString(), what)
+        return unpatched.get("s")
+
     for n in sizes:
         batch = selfcheck.batch_of(probe.images, n)
         outs, params = selfcheck.run_outputs(sess, batch, f"{what}: the patched graph")
@@ -678,7 +684,9 @@ def check_model(model: Any, input_shape: tuple[int, int, int, int], what: str,
             _check_declared_shape(v, got, params, n, what)
             if got.dtype.kind == "f":
                 selfcheck.judge_finite(got, _names(probe, n), f"{what}: output {v.name!r} of the patched graph",
-                                       lambda: _source_output(src_sess, batch, v.name, got), "the unpatched graph")
+                                       lambda v=v, got=got, batch=batch: _source_output(source_session(), batch,
+                                                                                        v.name, got),
+                                       "the unpatched graph")
 
 
 def _probe(images: Optional[np.ndarray], input_shape: tuple[int, int, int, int]) -> Any:
