@@ -292,3 +292,18 @@ def test_nan_that_pytorch_gives_on_a_parity_image_is_named_as_the_models(tmp_pat
     code, _, err = cli("apply", m)
     assert code == 1 and "PyTorch itself gives non-finite features on z99_alpha.png" in err, err
     assert "the reference features contain NaN/Inf" in err and "onnxruntime gives non-finite" not in err
+
+
+def test_retrieval_defaults_need_three_images_and_an_override_still_asks(tmp_path):
+    """With two parity images the fp32 profile's rank-1/top-5 thresholds are not applied (nothing to rank);
+    an explicit override still fails, saying why."""
+    from tests.helpers import tiny_manifest
+
+    m = tiny_manifest(tmp_path, images="imgs/im[01].png")
+    code, _, err = cli("apply", m)
+    assert code == 0, err
+    rec = lockfile.read(m.with_suffix(".lock")).stages["parity.onnxruntime"]
+    assert rec.params["tolerance"]["min_rank1"] is None and rec.record["rank1_agreement"] is None
+    m.write_text(m.read_text() + "  overrides:\n    onnxruntime: {min_rank1: 1.0}\n")
+    code, _, err = cli("apply", m)
+    assert code == 1 and "rank-1 agreement needs at least 3 images" in err, err
