@@ -53,6 +53,9 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+plain = _plain  # the public name, for modules that store records elsewhere (the shared cache)
+
+
 def fingerprint(parts: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a stage's parameters, input hashes, upstream hashes and tool versions."""
     text = json.dumps(_plain(parts), sort_keys=True, separators=(",", ":"))

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from . import lockfile
 from .errors import CheckFailed, InputError, ReidbuildError, StageFailed, Unavailable
@@ -29,6 +29,7 @@ class StageResult:
     outputs: dict[str, bytes] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     failed: Optional[str] = None  # a check stage sets this: recorded as failed, apply exits 1
+    sha256: dict[str, str] = field(default_factory=dict)  # outputs' hashes already checked (restored from cache)
 
 
 @dataclass
@@ -51,6 +52,10 @@ class Stage:
     description: str = ""
     # for `plan --diff`: given the output folder, per change (what, readable before/after diff)
     diff: Optional[Callable[[Path], list[tuple[Path, str]]]] = None
+    # non-reproducible stages: what the bytes are tied to here (GPU, TensorRT...); part of the shared-cache key
+    environment: Optional[Callable[[], dict[str, Any]]] = None
+    # what a node must offer to run it in a fleet build, e.g. {"gpu": "NVIDIA A10"} (not in the fingerprint)
+    placement: dict[str, str] = field(default_factory=dict)
 
 
 class StageContext:
@@ -135,6 +140,11 @@ def _rel(path: Path, base: Path, follow: bool = True) -> str:
         return os.path.relpath(path, base.resolve())
 
 
+def stage_inputs(stage: Stage, base: Path, hashes: HashCache) -> dict[str, dict[str, Any]]:
+    """Role -> {path, sha256, size} of the stage's external input files (what its context is given)."""
+    return {role: file_entry(p, base, hashes) for role, p in sorted(stage.inputs.items())}
+
+
 class Planner:
     """Computes fingerprints and stale reasons against a lock, stage by stage, in order."""
 
@@ -152,7 +162,7 @@ class Planner:
                     raise ValueError(f"stage {s.name} depends on {d}, which does not run before it")
 
     def inputs_of(self, stage: Stage) -> dict[str, dict[str, Any]]:
-        return {role: file_entry(p, self.base, self.hashes) for role, p in sorted(stage.inputs.items())}
+        return stage_inputs(stage, self.base, self.hashes)
 
     def dep_hashes(self, stage: Stage, outputs: dict[str, dict[str, dict[str, Any]]]) -> Optional[dict[str, str]]:
         deps: dict[str, str] = {}
@@ -253,17 +263,78 @@ class RunOutcome:
     drift: list[str]
     lock: lockfile.Lock
     timings: dict[str, float]
+    restored: list[str] = field(default_factory=list)  # taken from the shared cache instead of run
+
+
+class ResultStore(Protocol):
+    """A shared cache of stage results (``reidbuild.cache.Store``): restore before running, push after commit.
+
+    Both calls report problems through ``emit`` and return normally; only a store opened as required
+    raises (``Unavailable``) when it cannot be reached.
+    """
+
+    def action_key(self, stage: Stage, fingerprint: str) -> Optional[str]: ...
+
+    def restore(self, stage: Stage, key: str, emit: Callable[[Event], None]) -> Optional[StageResult]: ...
+
+    def push(self, stage: Stage, key: str, result: StageResult, emit: Callable[[Event], None]) -> None: ...
+
+
+class StageRunner(Protocol):
+    """Where stages run: here by default, or elsewhere (``reidbuild.fleet``'s Ray runner)."""
+
+    def unavailable(self, stage: Stage) -> Optional[str]: ...
+
+    def execute(self, stage: Stage, fingerprint: str, ctx: StageContext,
+                committed: dict[str, dict[str, Any]]) -> StageResult: ...
+
+
+class LocalRunner:
+    """Runs each stage in this process."""
+
+    def unavailable(self, stage: Stage) -> Optional[str]:
+        return stage.available() if stage.available else None
+
+    def execute(self, stage: Stage, fingerprint: str, ctx: StageContext,
+                committed: dict[str, dict[str, Any]]) -> StageResult:
+        return stage.run(ctx)
+
+
+def _restore_or_run(stage: Stage, fp: str, reasons: list[str], ctx: StageContext,
+                    committed: dict[str, dict[str, Any]], store: Optional[ResultStore], runner: StageRunner,
+                    emit: Callable[[Event], None], may_restore: bool) -> tuple[StageResult, Optional[str], bool]:
+    """The stage's result from the shared cache when it holds this action (and ``may_restore``: not with
+    --force, which means "prove it again here"), else from running it.
+
+    Returns (result, action key or None, restored?).
+    """
+    key = store.action_key(stage, fp) if store is not None else None
+    if key is not None and may_restore:
+        restored = store.restore(stage, key, emit)
+        if restored is not None:
+            return restored, key, True
+    emit(Event("start", stage.name, "; ".join(reasons)))
+    try:
+        return runner.execute(stage, fp, ctx, committed), key, False
+    except ReidbuildError:
+        raise
+    except MemoryError:
+        raise StageFailed(f"stage {stage.name}: out of memory") from None
 
 
 def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any], output_dir: Path, base: Path,
         emit: Callable[[Event], None], locked: bool = False, skip_unavailable: bool = False,
-        force: bool = False) -> RunOutcome:
+        force: bool = False, store: Optional[ResultStore] = None, runner: Optional[StageRunner] = None,
+        ) -> RunOutcome:
     """Run every stale stage in order, committing each stage's artifacts and then the lock.
 
     Each artifact is written atomically and the lock is rewritten after every stage, so a crash leaves
     complete files and a lock that describes only what was committed. With ``locked`` nothing in the lock
     is rewritten: any artifact whose bytes differ from the lock is reported as drift (CheckFailed).
+    With a ``store``, a stale stage whose action the shared cache holds is restored instead of run, and
+    each stage that ran is pushed after its commit; ``runner`` decides where stages run (default: here).
     """
+    runner = runner or LocalRunner()
     ensure_dir(output_dir)
     clean_temp_files(output_dir)
     clean_temp_files(lock_path.parent)
@@ -300,7 +371,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 outcome.cached.append(stage.name)
                 emit(Event("cached", stage.name, "up to date"))
                 continue
-            why_not = stage.available() if stage.available else None
+            why_not = runner.unavailable(stage)
             tampered = [r for r in reasons if r.startswith("artifact ") and r.endswith(" was modified")]
             if locked and tampered:
                 outcome.drift.extend(f"{stage.name}: {r}" for r in tampered)
@@ -326,15 +397,11 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 unavailable = Unavailable(f"stage {stage.name}: {why_not} (use --skip-unavailable to record it "
                                           "as skipped)")
                 break
-            emit(Event("start", stage.name, "; ".join(reasons)))
             t0 = time.perf_counter()
             ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs)
-            try:
-                result = stage.run(ctx)
-            except ReidbuildError:
-                raise
-            except MemoryError:
-                raise StageFailed(f"stage {stage.name}: out of memory") from None
+            committed = {f: e for d in stage.deps for f, e in outputs.get(d, {}).items()}
+            result, key, restored = _restore_or_run(stage, fp, reasons, ctx, committed, store, runner, emit,
+                                                    may_restore=not force)
             missing = set(stage.outputs) - set(result.outputs)
             extra = set(result.outputs) - set(stage.outputs)
             if missing or extra:
@@ -346,7 +413,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 data = result.outputs[fname]
                 # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
                 out_entries[fname] = {"path": _rel(output_dir.resolve() / fname, base, follow=False),
-                                      "sha256": sha256_bytes(data),
+                                      "sha256": result.sha256.get(fname) or sha256_bytes(data),
                                       "size": len(data)}
                 if not stage.reproducible:
                     out_entries[fname]["reproducible"] = False
@@ -365,7 +432,14 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 new.stages[stage.name] = lockfile.StageRecord(
                     fingerprint=fp, status=status, params=lockfile._plain(stage.params), inputs=inputs,
                     outputs=out_entries, record=result.record, tools=tool_versions(stage.tools))
-                lockfile.write(lock_path, new)
+                if not restored:  # a restore is cheap to redo: its entry waits for the next write of the lock
+                    lockfile.write(lock_path, new)
+            if restored:
+                outcome.restored.append(stage.name)
+                emit(Event("restored", stage.name, "restored from cache", seconds))
+                continue
+            if store is not None and key is not None and not locked:
+                store.push(stage, key, result, emit)
             outcome.ran.append(stage.name)
             if result.failed:
                 outcome.failed.append(f"{stage.name}: {result.failed}")
