@@ -25,7 +25,7 @@ class StageRecord:
     """What one stage consumed and produced the last time it ran."""
 
     fingerprint: str
-    status: str  # ok | failed | skipped
+    status: str  # ok | failed | skipped | refused (the target format cannot express the model)
     params: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)   # role -> {path, sha256, size}
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> {path, sha256, size, ...}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 from . import lockfile
-from .errors import CheckFailed, InputError, ReidbuildError, StageFailed, Unavailable
+from .errors import CheckFailed, InputError, NotExpressible, ReidbuildError, StageFailed, Unavailable
 from .fsutil import HashCache, atomic_write, clean_temp_files, ensure_dir, sha256_bytes
 
 # ----------------------------------------------------------------------------------------------- types
@@ -322,6 +322,15 @@ def _restore_or_run(stage: Stage, fp: str, reasons: list[str], ctx: StageContext
         raise StageFailed(f"stage {stage.name}: out of memory") from None
 
 
+def _record_refusal(lock: lockfile.Lock, lock_path: Path, stage: Stage, fp: str, inputs: dict[str, Any],
+                    reason: str) -> None:
+    """Lock entry of a stage whose format cannot express the model: status ``refused`` and the reason."""
+    lock.stages[stage.name] = lockfile.StageRecord(
+        fingerprint=fp, status="refused", params=lockfile._plain(stage.params), inputs=inputs,
+        record={"reason": reason}, tools=tool_versions(stage.tools))
+    lockfile.write(lock_path, lock)
+
+
 def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any], output_dir: Path, base: Path,
         emit: Callable[[Event], None], locked: bool = False, skip_unavailable: bool = False,
         force: bool = False, store: Optional[ResultStore] = None, runner: Optional[StageRunner] = None,
@@ -349,17 +358,20 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
     outputs: dict[str, dict[str, dict[str, Any]]] = {}
     skipped_names: set[str] = set()
     unavailable: Optional[Unavailable] = None
+    refused: dict[str, NotExpressible] = {}  # stages whose format cannot express the model (raised at the end)
     if locked and old is None:
         raise CheckFailed(f"{lock_path}: --locked given but there is no lock file; run apply without --locked first")
     try:
         for stage in stages:
             if any(d in skipped_names for d in stage.deps):
+                why = ("upstream stage was refused" if any(d in refused for d in stage.deps)
+                       else "upstream stage was skipped")
                 skipped_names.add(stage.name)
                 outcome.skipped.append(stage.name)
-                emit(Event("skip", stage.name, "upstream stage was skipped"))
+                emit(Event("skip", stage.name, why))
                 new.stages[stage.name] = lockfile.StageRecord(fingerprint="", status="skipped",
                                                               params=lockfile._plain(stage.params),
-                                                              record={"reason": "upstream stage was skipped"})
+                                                              record={"reason": why})
                 continue
             inputs = planner.inputs_of(stage)
             deps = planner.dep_hashes(stage, outputs) or {}
@@ -400,8 +412,17 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             t0 = time.perf_counter()
             ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs)
             committed = {f: e for d in stage.deps for f, e in outputs.get(d, {}).items()}
-            result, key, restored = _restore_or_run(stage, fp, reasons, ctx, committed, store, runner, emit,
-                                                    may_restore=not force)
+            try:
+                result, key, restored = _restore_or_run(stage, fp, reasons, ctx, committed, store, runner, emit,
+                                                        may_restore=not force)
+            except NotExpressible as exc:
+                # the target format cannot express this model: other targets of the manifest still build
+                refused[stage.name] = exc
+                skipped_names.add(stage.name)
+                emit(Event("fail", stage.name, exc.message, time.perf_counter() - t0))
+                if not locked:
+                    _record_refusal(new, lock_path, stage, fp, inputs, exc.message)
+                continue
             missing = set(stage.outputs) - set(result.outputs)
             extra = set(result.outputs) - set(stage.outputs)
             if missing or extra:
@@ -454,6 +475,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
         lockfile.write(lock_path, new)
     if unavailable is not None:
         raise unavailable
+    if refused:
+        raise next(iter(refused.values()))
     if locked and old is not None:
         gone = sorted(set(old.stages) - {s.name for s in stages})
         if gone:

@@ -31,9 +31,9 @@ def model_params(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_torch_model(lm: LoadedManifest, cfg: dict[str, Any]) -> Any:
-    """The reference PyTorch model: fast-reid Baseline with the checkpoint's (or seeded random) weights."""
+    """The reference PyTorch model: the fast-reid architecture with the checkpoint's (or seeded random) weights."""
     from ..fastreid.checkpoint import init_random, load_weights
-    from ..fastreid.baseline import build_model
+    from ..fastreid.registry import build_model
 
     model = build_model(cfg)
     weights = lm.model.source.weights
@@ -59,8 +59,11 @@ def load_stage(lm: LoadedManifest, probe_paths: Optional[Sequence[Path]] = None)
     """
     import numpy as np
 
+    from ..fastreid.config import check_input_size
+
     cfg = model_config(lm)
     src = lm.model.source
+    check_input_size(cfg, lm.model.input.height, lm.model.input.width, str(lm.resolve(src.config)))
     inputs: dict[str, Path] = {"config": lm.resolve(src.config)}
     if isinstance(src.weights, RandomSource):
         weights_param: Any = {"random": {"seed": src.weights.random.seed}}
