@@ -116,11 +116,12 @@ def schema() -> None:
 def plan(manifest: str, as_json: bool, diff: bool) -> None:
     """Show which stages would run and why."""
     from . import lockfile
-    from .fsutil import HashCache
     from .pipeline import Planner
+    from .statcache import open_cache
 
     lm, stages = _load(manifest)
-    planner = Planner(stages, lockfile.read(lm.lock_path), lm.output_dir, lm.base, HashCache())
+    hashes = open_cache(lm.output_dir, trust=lm.output_dir.is_dir())  # read-only here: plan holds no run lock
+    planner = Planner(stages, lockfile.read(lm.lock_path), lm.output_dir, lm.base, hashes)
     plans = planner.plan()
     unavailable = {s.name: s.available() for s in stages if s.available}
     rows = [{"stage": p.stage.name, "stale": p.stale, "reasons": p.reasons, "outputs": list(p.stage.outputs),

@@ -13,9 +13,10 @@ not depend on the features' length, so they are the same in both modes. On failu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # imported where used: planning a build (a no-op apply) must not pay for numpy
+    import numpy as np
 
 TOLERANCE_KEYS = ("rtol", "atol", "min_cosine", "min_rank1", "topk", "min_topk_overlap")
 MODES = ("normalized", "raw")
@@ -79,6 +80,8 @@ class Comparison:
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     na = np.linalg.norm(a, axis=1)
     nb = np.linalg.norm(b, axis=1)
     denom = na * nb
@@ -89,6 +92,8 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (all-zero rows stay zero), as fast-reid's ``F.normalize`` does."""
+    import numpy as np
+
     x = np.asarray(features, dtype=np.float64)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     with np.errstate(invalid="ignore"):
@@ -96,6 +101,8 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
 
 
 def _similarities(feats: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     unit = l2_normalize(feats)
     sim = unit @ unit.T
     np.fill_diagonal(sim, -np.inf)
@@ -108,6 +115,8 @@ def retrieval_agreement(reference: np.ndarray, actual: np.ndarray, k: int) -> tu
     A neighbour the backend picks counts as agreeing when the reference ranks it as high, up to a tie (cosine
     within ``TIE`` of the reference's own pick): near-identical gallery images may swap under float noise.
     """
+    import numpy as np
+
     n = len(reference)
     if n < 3:
         return None, None
@@ -124,6 +133,8 @@ def retrieval_agreement(reference: np.ndarray, actual: np.ndarray, k: int) -> tu
 def scaled_difference(reference: np.ndarray, actual: np.ndarray) -> float:
     """max |actual - reference| / max |reference|: a difference measured on the output's own scale (inf when the
     reference is all zeros and the actual is not, 0.0 when both are)."""
+    import numpy as np
+
     ref = np.asarray(reference, dtype=np.float64)
     diff = float(np.max(np.abs(np.asarray(actual, dtype=np.float64) - ref), initial=0.0))
     scale = float(np.max(np.abs(ref), initial=0.0))
@@ -148,6 +159,8 @@ def smallest_tolerances(reference: np.ndarray, actual: np.ndarray, rtol: Optiona
     """The smallest rtol that passes at the given atol, and the smallest atol that passes at the given rtol
     (|a - r| <= atol + rtol*|r| on every value, in ``mode``), rounded up to two digits; None where no value
     can pass (non-finite values, or a difference where the reference is 0 for the rtol)."""
+    import numpy as np
+
     ref, act = _in_mode(reference, mode), _in_mode(actual, mode)
     if ref.shape != act.shape or ref.size == 0 or not (np.all(np.isfinite(ref)) and np.all(np.isfinite(act))):
         return {"rtol": None, "atol": None}
@@ -163,6 +176,8 @@ def smallest_tolerances(reference: np.ndarray, actual: np.ndarray, rtol: Optiona
 
 
 def _in_mode(features: np.ndarray, mode: str) -> np.ndarray:
+    import numpy as np
+
     if mode not in MODES:
         raise ValueError(f"unknown comparison mode {mode!r} (known: {', '.join(MODES)})")
     x = np.asarray(features, dtype=np.float64)
@@ -175,6 +190,8 @@ def compare(reference: np.ndarray, actual: np.ndarray, tol: dict[str, Any], mode
     ``mode`` says what rtol/atol (and the reported max_abs/max_rel) apply to: ``raw`` features or their
     ``normalized`` (unit-length) versions; NaN, zeros, cosine and retrieval are judged on the raw features.
     """
+    import numpy as np
+
     tol = {k: tol.get(k) for k in TOLERANCE_KEYS}
     topk = int(tol.get("topk") or 5)
     failures: list[str] = []

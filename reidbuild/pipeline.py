@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Protocol
 from . import lockfile
 from .errors import CheckFailed, InputError, NotExpressible, ReidbuildError, StageFailed, Unavailable
 from .fsutil import HashCache, atomic_write, clean_temp_files, ensure_dir, sha256_bytes
+from .statcache import StatCache, open_cache
 
 # ----------------------------------------------------------------------------------------------- types
 
@@ -206,7 +207,7 @@ class Planner:
 
     def _why_changed(self, stage: Stage, rec: lockfile.StageRecord) -> list[str]:
         out = []
-        params = lockfile._plain(stage.params)
+        params = lockfile.plain(stage.params)
         changed = sorted(k for k in set(params) | set(rec.params) if params.get(k) != rec.params.get(k))
         if changed:
             out.append("parameters changed: " + ", ".join(changed))
@@ -326,9 +327,23 @@ def _record_refusal(lock: lockfile.Lock, lock_path: Path, stage: Stage, fp: str,
                     reason: str) -> None:
     """Lock entry of a stage whose format cannot express the model: status ``refused`` and the reason."""
     lock.stages[stage.name] = lockfile.StageRecord(
-        fingerprint=fp, status="refused", params=lockfile._plain(stage.params), inputs=inputs,
+        fingerprint=fp, status="refused", params=lockfile.plain(stage.params), inputs=inputs,
         record={"reason": reason}, tools=tool_versions(stage.tools))
     lockfile.write(lock_path, lock)
+
+
+def release_memory() -> None:
+    """Hand memory freed by a finished stage back to the system (glibc keeps freed arenas otherwise), so a
+    later stage's peak does not stack on an earlier one's; a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any], output_dir: Path, base: Path,
@@ -351,7 +366,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
     new = lockfile.Lock(manifest=manifest_entry,
                         stages={} if old is None else {k: v for k, v in old.stages.items()
                                                        if k in {s.name for s in stages}})
-    hashes = HashCache()
+    # apply trusts the stat cache for unchanged files; --locked is a tamper check and re-hashes everything
+    hashes = open_cache(output_dir, trust=not locked)
     planner = Planner(stages, old, output_dir, base, hashes)
     cache: dict[str, Any] = {}
     outcome = RunOutcome([], [], [], [], [], new, {})
@@ -370,7 +386,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 outcome.skipped.append(stage.name)
                 emit(Event("skip", stage.name, why))
                 new.stages[stage.name] = lockfile.StageRecord(fingerprint="", status="skipped",
-                                                              params=lockfile._plain(stage.params),
+                                                              params=lockfile.plain(stage.params),
                                                               record={"reason": why})
                 continue
             inputs = planner.inputs_of(stage)
@@ -402,7 +418,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                     emit(Event("skip", stage.name, why_not))
                     if not locked:
                         new.stages[stage.name] = lockfile.StageRecord(
-                            fingerprint=fp, status="skipped", params=lockfile._plain(stage.params),
+                            fingerprint=fp, status="skipped", params=lockfile.plain(stage.params),
                             inputs=inputs, record={"reason": why_not}, tools=tool_versions(stage.tools))
                         lockfile.write(lock_path, new)
                     continue
@@ -431,11 +447,10 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             outcome.timings[stage.name] = seconds
             out_entries: dict[str, dict[str, Any]] = {}
             for fname in stage.outputs:
-                data = result.outputs[fname]
                 # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
                 out_entries[fname] = {"path": _rel(output_dir.resolve() / fname, base, follow=False),
-                                      "sha256": result.sha256.get(fname) or sha256_bytes(data),
-                                      "size": len(data)}
+                                      "sha256": result.sha256.get(fname) or sha256_bytes(result.outputs[fname]),
+                                      "size": len(result.outputs[fname])}
                 if not stage.reproducible:
                     out_entries[fname]["reproducible"] = False
             if locked:
@@ -446,31 +461,38 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                     raise CheckFailed(f"{lock_path}: --locked: rebuilt artifacts differ from the lock: "
                                       + ", ".join(diffs) + f" (stage {stage.name}; not written)")
             for fname in stage.outputs:
-                atomic_write(output_dir, fname, result.outputs[fname])
+                written = atomic_write(output_dir, fname, result.outputs[fname])
+                if isinstance(hashes, StatCache):
+                    hashes.record(written, out_entries[fname]["sha256"])
             status = "failed" if result.failed else "ok"
             outputs[stage.name] = out_entries
             if not locked:
                 new.stages[stage.name] = lockfile.StageRecord(
-                    fingerprint=fp, status=status, params=lockfile._plain(stage.params), inputs=inputs,
+                    fingerprint=fp, status=status, params=lockfile.plain(stage.params), inputs=inputs,
                     outputs=out_entries, record=result.record, tools=tool_versions(stage.tools))
                 if not restored:  # a restore is cheap to redo: its entry waits for the next write of the lock
                     lockfile.write(lock_path, new)
+            if store is not None and key is not None and not locked and not restored:
+                store.push(stage, key, result, emit)
+            failed_msg = result.failed
+            del result  # the artifacts are on disk: do not hold their bytes while the next stage runs
+            release_memory()
             if restored:
                 outcome.restored.append(stage.name)
                 emit(Event("restored", stage.name, "restored from cache", seconds))
                 continue
-            if store is not None and key is not None and not locked:
-                store.push(stage, key, result, emit)
             outcome.ran.append(stage.name)
-            if result.failed:
-                outcome.failed.append(f"{stage.name}: {result.failed}")
-                emit(Event("fail", stage.name, result.failed, seconds))
+            if failed_msg:
+                outcome.failed.append(f"{stage.name}: {failed_msg}")
+                emit(Event("fail", stage.name, failed_msg, seconds))
             else:
                 emit(Event("done", stage.name, "", seconds))
     finally:
         tmp = cache.get("_tmp")
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(hashes, StatCache):
+            hashes.save()
     if not locked:
         lockfile.write(lock_path, new)
     if unavailable is not None:

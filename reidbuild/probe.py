@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # imported where used: the planning path (assemble reads PROBE_COUNT) never loads numpy
+    import numpy as np
 
 PROBE_COUNT = 4  # images per self-check: enough to see a broken graph, cheap on 2 CPU cores
 
@@ -35,6 +36,8 @@ def person_like_images(count: int, height: int, width: int, seed: int = 0) -> np
     """``count`` deterministic person-like images (float32 NCHW, 0..255): smooth backgrounds, a figure
     in varied colours, mild sensor noise. Enough variety to measure BatchNorm statistics and to give each image
     its own feature, with the value range and smoothness of a photograph; nothing is downloaded."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     out = np.empty((count, 3, height, width), np.float32)
@@ -62,6 +65,8 @@ def probe_images(height: int, width: int, color: str = "RGB", interpolation: str
         chosen = list(paths)[:count]
         return Probe(load_images(chosen, height, width, color, interpolation), [Path(p).name for p in chosen],
                      "parity images")
+    import numpy as np
+
     images = person_like_images(count, height, width, seed=0)
     if color == "BGR":
         images = np.ascontiguousarray(images[:, ::-1])

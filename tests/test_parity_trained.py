@@ -15,7 +15,6 @@ features differ between images), are saved as fast-reid's Checkpointer does and 
 """
 from __future__ import annotations
 
-import copy
 import shutil
 import textwrap
 from pathlib import Path
@@ -236,7 +235,8 @@ def _parity(manifest: Path, onnx_path: Path, swap_channels: bool, tmp: Path, cac
 
 @pytest.fixture(scope="module")
 def agw_cache(built, tmp_path_factory) -> dict:
-    """One parity-stage cache for the corruption tests; the real artifact passes through the same stage."""
+    """One parity-stage cache (images, PyTorch reference) for the corruption tests; the real artifact passes
+    through the same stage first."""
     m, code, err = built["agw"]
     assert code == 0, err
     cache: dict = {}
@@ -249,12 +249,16 @@ def agw_cache(built, tmp_path_factory) -> dict:
 def test_each_corruption_fails_parity_with_the_defaults(built, agw_cache, tmp_path, case):
     from reidbuild.stages.onnx import export_onnx
 
+    from reidbuild.manifest import load_manifest
+    from reidbuild.stages.load import build_torch_model, model_config
+
     m = built["agw"][0]
     corrupt, swap = CORRUPTIONS[case]
-    model = agw_cache["torch_model"]
+    lm = load_manifest(m)
+    model = build_torch_model(lm, model_config(lm))
     if corrupt is not None:
         with torch.no_grad():
-            model = corrupt(copy.deepcopy(model))
+            model = corrupt(model)
     path = tmp_path / "corrupt.onnx"
     path.write_bytes(export_onnx(model.eval(), H, W, 17, True))
     result = _parity(m, path, swap, tmp_path, agw_cache)

@@ -113,7 +113,7 @@ _MAX_NODES = 100_000  # values per file; YAML aliases can otherwise expand expon
 
 def defaults() -> dict[str, Any]:
     """A fresh copy of the defaults reidbuild fills in (fast-reid's values, tuples as lists)."""
-    return _plain(copy.deepcopy(_DEFAULTS))
+    return plain(copy.deepcopy(_DEFAULTS))
 
 
 def supported() -> dict[str, list[str]]:
@@ -147,7 +147,7 @@ def load_config(path: Path, opts: dict[str, Any] | None = None) -> dict[str, Any
     _merge(tree, cfg, (), origins, str(path))
     for dotted, value in (opts or {}).items():
         _apply_opt(cfg, dotted, value, path)
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     check_supported(cfg, where=str(path))
     return cfg
 
@@ -504,12 +504,12 @@ def _coerce(value: Any, default: Any, dotted: str, where: str) -> Any:
 # --------------------------------------------------------------------------- helpers
 
 
-def _plain(node: Any) -> Any:
+def plain(node: Any) -> Any:
     """Tuples to lists, recursively, so the config round-trips through JSON unchanged."""
     if isinstance(node, dict):
-        return {k: _plain(v) for k, v in node.items()}
+        return {k: plain(v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return [_plain(v) for v in node]
+        return [plain(v) for v in node]
     return node
 
 

@@ -49,6 +49,18 @@ def model_from(ctx: StageContext, lm: LoadedManifest, cfg: dict[str, Any]) -> An
     return ctx.cached("torch_model", lambda: build_torch_model(lm, cfg))
 
 
+def release_model(ctx: StageContext) -> None:
+    """Drop the run's PyTorch model (a few hundred MB for an R50) once no later stage needs it.
+
+    Parity stages run last and share one reference pass, so after that pass only a stage asking again (none
+    does today) would rebuild it.
+    """
+    if ctx.cache.pop("torch_model", None) is not None:
+        import gc
+
+        gc.collect()
+
+
 def load_stage(lm: LoadedManifest, probe_paths: Optional[Sequence[Path]] = None) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
     """Validates the config now (plan time) so config errors surface before any work.
 
@@ -57,8 +69,6 @@ def load_stage(lm: LoadedManifest, probe_paths: Optional[Sequence[Path]] = None)
     (exit 2), named here once instead of blamed on every later tool. A blank or noise image proves nothing:
     GeM pooling and non-local blocks may overflow on it in PyTorch itself.
     """
-    import numpy as np
-
     from ..fastreid.config import check_input_size
 
     cfg = model_config(lm)
@@ -74,6 +84,8 @@ def load_stage(lm: LoadedManifest, probe_paths: Optional[Sequence[Path]] = None)
     h, w = lm.model.input.height, lm.model.input.width
 
     def run(ctx: StageContext) -> StageResult:
+        import numpy as np
+
         from ..backends.torch import TorchRunner
         from ..selfcheck import nonfinite_rows
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
-from .. import selfcheck
+    from ..probe import Probe
+
 from ..errors import StageFailed
+from ..fsutil import sha256_bytes
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
-from ..probe import Probe
 from . import ArtifactRef, probe_for
 from .load import model_from
 
@@ -37,19 +39,42 @@ def export_onnx(model: Any, height: int, width: int, opset: int, dynamic_batch: 
                               dynamic_axes=dynamic, do_constant_folding=True)
         except Exception as exc:
             raise StageFailed(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
-    return buf.getvalue()
+    data = buf.getvalue()
+    buf.close()  # one copy of the model's bytes, not two
+    return data
 
 
-def check_model(data: bytes, probe: Probe, what: str) -> tuple[Any, np.ndarray]:
-    """onnx checker + one onnxruntime run on the self-check images; returns (model, features)."""
+def check_model(data: bytes, probe: Probe, what: str) -> np.ndarray:
+    """onnx checker + one onnxruntime run on the self-check images (``reidbuild.selfcheck``); returns the
+    features.
+
+    The checker gets the bytes themselves: given a parsed model it would serialise it again (about 0.1 s and
+    one more copy for an R50).
+    """
     import onnx
 
+    from .. import selfcheck
+
     try:
-        model = onnx.load_from_string(data)
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(data, full_check=True)
     except Exception as exc:
         raise StageFailed(f"{what}: the ONNX checker rejects the model: {str(exc).splitlines()[0]}") from None
-    return model, selfcheck.features(data, probe.images, what)
+    return selfcheck.features(data, probe.images, what)
+
+
+def _checked_key(name: str) -> str:
+    """Per-run memo key for an ONNX artifact's check features: the simplify stage reuses the export check."""
+    return f"onnx_check_features:{name}"
+
+
+def graph_changes(before: Any, after: Any) -> dict[str, Any]:
+    """What onnx-simplifier did, as counts: nodes per op type that changed, initializers, and totals."""
+    from collections import Counter
+
+    ops_b, ops_a = Counter(n.op_type for n in before.graph.node), Counter(n.op_type for n in after.graph.node)
+    changed = {op: ops_a[op] - ops_b[op] for op in sorted(set(ops_b) | set(ops_a)) if ops_a[op] != ops_b[op]}
+    return {"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node), "op_count_changes": changed,
+            "initializers_before": len(before.graph.initializer), "initializers_after": len(after.graph.initializer)}
 
 
 def _check_record(probe: Probe, notes: list[str]) -> dict[str, Any]:
@@ -70,15 +95,17 @@ def export_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, out
     def run(ctx: StageContext) -> StageResult:
         import torch
 
+        from .. import selfcheck
         from ..backends.torch import TorchRunner
 
         model = model_from(ctx, lm, cfg)
         data = export_onnx(model, h, w, t.opset, t.dynamic_batch)
         probe = probe_for(ctx, lm.model.input, probe_paths)
-        _, out = check_model(data, probe, out_file)
+        out = check_model(data, probe, out_file)
         notes = selfcheck.judge_finite(out, probe, out_file, lambda: TorchRunner(model).infer(probe.images), "PyTorch")
         for note in notes:
             ctx.log(note)
+        ctx.cache[_checked_key(out_file)] = out
         return StageResult({out_file: data}, {"exporter": EXPORTER, "torch": torch.__version__, "opset": t.opset,
                                               "check": _check_record(probe, notes)})
 
@@ -96,29 +123,43 @@ def simplify_stage(lm: LoadedManifest, source: ArtifactRef, out_file: str,
     h, w = lm.model.input.height, lm.model.input.width
 
     def run(ctx: StageContext) -> StageResult:
+        import numpy as np
         import onnx
         import onnxsim
 
+        from .. import selfcheck
+
         raw = ctx.artifact(source.file).read_bytes()
         probe = probe_for(ctx, lm.model.input, probe_paths)
-        model, before = check_model(raw, probe, source.file)
+        # the export stage checked these very bytes on the same images earlier in this run: reuse its features
+        before = ctx.cache.pop(_checked_key(source.file), None)
+        if before is None:
+            before = check_model(raw, probe, source.file)
+        model = onnx.load_from_string(raw)
+        raw_sha = sha256_bytes(raw)
+        del raw  # parsed: the bytes are not needed while the simplifier holds its own copies
         try:
             simplified, ok = onnxsim.simplify(model)
         except Exception as exc:
             raise StageFailed(f"onnx-simplifier failed on {source.file}: {str(exc).splitlines()[0]}") from None
         if not ok:
             raise StageFailed(f"onnx-simplifier could not validate its result for {source.file}")
+        changes = graph_changes(model, simplified)
         data = simplified.SerializeToString(deterministic=True)
-        _, after = check_model(data, probe, out_file)
+        del model, simplified
+        notes = selfcheck.judge_finite(before, probe, source.file, lambda: before, "the exported graph")
+        check = _check_record(probe, notes)
+        if sha256_bytes(data) == raw_sha:  # nothing simplified: these are the checked export's bytes
+            changes["unchanged"] = True
+            return StageResult({out_file: data}, {**changes, "check_max_abs_diff": 0.0, "check_scaled_diff": 0.0,
+                                                  "check": check, "onnx": onnx.__version__})
+        after = check_model(data, probe, out_file)
         rel = selfcheck.check_same(after, before, probe, f"{out_file}: onnx-simplifier")
         finite = np.isfinite(before).all(axis=1) & np.isfinite(after).all(axis=1)
         err = float(np.max(np.abs(after[finite] - before[finite]), initial=0.0))
-        notes = selfcheck.judge_finite(before, probe, source.file, lambda: before, "the exported graph")
-        return StageResult({out_file: data}, {"nodes_before": len(model.graph.node),
-                                              "nodes_after": len(simplified.graph.node),
-                                              "check_max_abs_diff": float(f"{err:.3g}"),
-                                              "check_scaled_diff": float(f"{rel:.3g}"),
-                                              "check": _check_record(probe, notes), "onnx": onnx.__version__})
+        return StageResult({out_file: data}, {**changes, "check_max_abs_diff": float(f"{err:.3g}"),
+                                              "check_scaled_diff": float(f"{rel:.3g}"), "check": check,
+                                              "onnx": onnx.__version__})
 
     stage = Stage("onnx.simplify", run, params={"input": [h, w]}, deps=(source.stage,), outputs=(out_file,),
                   tools=("onnx", "onnxsim", "onnxruntime"), description="simplify the ONNX graph (onnx-simplifier)")

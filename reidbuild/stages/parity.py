@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
 from ..backends.base import Runner, run_batched
 from ..compare import TOLERANCE_KEYS, compare
@@ -19,7 +20,7 @@ from ..precision.profiles import default_tolerance
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
-from .load import model_from
+from .load import model_from, release_model
 
 
 @dataclass
@@ -72,6 +73,8 @@ def fp32_profile(lm: LoadedManifest) -> dict[str, Any]:
 
 def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
     """Apply to the reference what graph patches declared they do to the output (e.g. l2_normalize)."""
+    import numpy as np
+
     from ..patches import apply_output_transform
 
     for t in transforms:
@@ -98,6 +101,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
                                                                 inp.interpolation))
         raw_ref = ctx.cached("parity_reference", lambda: run_batched(TorchRunner(model_from(ctx, lm, cfg)),
                                                                      batch, parity.batch_size))
+        release_model(ctx)  # every parity check shares the one reference pass above
         reference = apply_transforms(raw_ref, check.output_transforms)
         runner = check.make_runner(ctx)
         actual = run_batched(runner, batch, parity.batch_size)
@@ -109,7 +113,9 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
         failed = None
         if not result.passed:
             hint = result.suggestion_text()
-            own = [names[i] for i in range(len(raw_ref)) if not np.all(np.isfinite(raw_ref[i]))]
+            from ..selfcheck import nonfinite_rows
+
+            own = [names[i] for i in nonfinite_rows(raw_ref)]
             if own:  # the model's own behaviour: no backend can be blamed for it
                 hint = (f"PyTorch itself gives non-finite features on {own[0]}"
                         + (f" and {len(own) - 1} more image(s)" if len(own) > 1 else "")

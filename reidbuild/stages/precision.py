@@ -8,15 +8,16 @@ removing one re-runs the calibration; the record keeps the method, the images' d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
-from .. import selfcheck
+    from ..selfcheck import Adapt
+
 from ..errors import ImageError
 from ..manifest import Input, TensorRTTarget
 from ..pipeline import Stage, StageContext, StageResult
-from ..selfcheck import Adapt
 from . import ArtifactRef, probe_for
 
 TOOLS = ("onnx", "onnxruntime", "onnxconverter-common")
@@ -26,6 +27,8 @@ def smoke_test(ctx: StageContext, data: bytes, source: bytes, inp: Input, what: 
                probe_paths: Optional[Sequence[Path]], adapt: Optional[Adapt] = None) -> dict[str, Any]:
     """The reduced-precision ONNX loads in onnxruntime and is finite on the self-check images wherever the
     fp32 ONNX it came from is; returns the lock's record of the check."""
+    from .. import selfcheck
+
     probe = probe_for(ctx, inp, probe_paths)
     out = selfcheck.features(data, probe.images, what, adapt)
     notes = selfcheck.judge_finite(out, probe, what, lambda: selfcheck.features(source, probe.images, what, adapt),
