@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-_FP32: dict[str, Any] = {"rtol": 1e-3, "atol": 1e-6, "min_cosine": 0.9999, "min_rank1": 1.0, "topk": 5,
-                         "min_topk_overlap": 1.0}
+from ..compare import FP32_TOLERANCE
+
+_FP32: dict[str, Any] = dict(FP32_TOLERANCE)
 _FP16: dict[str, Any] = {"rtol": None, "atol": None, "min_cosine": 0.999, "min_rank1": 0.95, "topk": 5,
                          "min_topk_overlap": 0.95}
 _INT8: dict[str, Any] = {"rtol": None, "atol": None, "min_cosine": 0.99, "min_rank1": 0.85, "topk": 5,

@@ -15,8 +15,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply
     import numpy as np
 
 from ..backends.base import Runner, run_batched
-from ..compare import TOLERANCE_KEYS, compare
-from ..precision.profiles import default_tolerance
+from ..compare import FP32_TOLERANCE, TOLERANCE_KEYS, compare
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
@@ -64,7 +63,7 @@ def fp32_profile(lm: LoadedManifest) -> dict[str, Any]:
     """The fp32 defaults with the parity section's rtol/atol (and min_cosine when given)."""
     p = lm.model.parity
     assert p is not None
-    tol = default_tolerance("fp32")
+    tol = dict(FP32_TOLERANCE)
     tol.update({"rtol": p.rtol, "atol": p.atol})
     if p.min_cosine is not None:
         tol["min_cosine"] = p.min_cosine
