@@ -259,3 +259,12 @@ def compare(reference: np.ndarray, actual: np.ndarray, tol: dict[str, Any], mode
 
 def as_dict(c: Comparison) -> dict[str, Any]:
     return asdict(c)
+
+
+def nearest_neighbours(feats: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` most cosine-similar other rows (indices, best first): the retrieval the parity
+    checks and the report's retrieval view share."""
+    import numpy as np
+
+    k = min(k, max(len(feats) - 1, 0))
+    return np.argsort(-_similarities(np.asarray(feats, dtype=np.float64)), axis=1, kind="stable")[:, :k]

@@ -98,14 +98,17 @@ def export_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, out
         from .. import selfcheck
         from ..backends.torch import TorchRunner
 
+        ctx.progress("export steps (trace, check)", 0, 2)
         model = model_from(ctx, lm, cfg)
         data = export_onnx(model, h, w, t.opset, t.dynamic_batch)
+        ctx.progress("export steps (trace, check)", 1, 2)
         probe = probe_for(ctx, lm.model.input, probe_paths)
         out = check_model(data, probe, out_file)
         notes = selfcheck.judge_finite(out, probe, out_file, lambda: TorchRunner(model).infer(probe.images), "PyTorch")
         for note in notes:
             ctx.log(note)
         ctx.cache[_checked_key(out_file)] = out
+        ctx.progress("export steps (trace, check)", 2, 2)
         return StageResult({out_file: data}, {"exporter": EXPORTER, "torch": torch.__version__, "opset": t.opset,
                                               "check": _check_record(probe, notes)})
 

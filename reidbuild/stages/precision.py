@@ -114,7 +114,8 @@ def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, cali
         src = ctx.artifact(source.file).read_bytes()
         data, record = int8.quantize_int8(src, images, method=cal.method,
                                           percentile=cal.percentile, workdir=ctx.tempdir() / "int8",
-                                          log=ctx.log, adapt=adapt)
+                                          log=ctx.log, adapt=adapt,
+                                          progress=lambda d, t: ctx.progress("calibration images", d, t))
         record["check"] = smoke_test(ctx, data, src, input, out, probe_paths, adapt)
         return StageResult({out: data}, record)
 
