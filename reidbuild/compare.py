@@ -50,7 +50,7 @@ class Comparison:
     tolerance: dict[str, Any]
     failures: list[str] = field(default_factory=list)
     mode: str = "raw"
-    suggested: Optional[dict[str, Optional[float]]] = None  # smallest passing rtol/atol, when the check failed
+    suggested: Optional[dict[str, Optional[float]]] = None  # smallest passing rtol/atol/min_cosine, when failed
 
     @property
     def passed(self) -> bool:
@@ -252,7 +252,8 @@ def compare(reference: np.ndarray, actual: np.ndarray, tol: dict[str, Any], mode
             failures.append(f"{label} {value:.3f} < {want}")
     suggested = None
     if failures and (rtol is not None or atol is not None):
-        suggested = smallest_tolerances(raw_ref, raw_act, rtol, atol, mode)
+        suggested = {**smallest_tolerances(raw_ref, raw_act, rtol, atol, mode),
+                     "min_cosine": float(np.floor(worst_cos * 1e6) / 1e6)}  # the lowest cosine seen, rounded down
     return Comparison(images, float(np.nan_to_num(diff.max(), nan=np.inf)), float(np.nan_to_num(rel.max(), nan=np.inf)),
                       worst_cos, rank1, overlap, topk, tol, failures, mode, suggested)
 

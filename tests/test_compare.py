@@ -105,7 +105,8 @@ def test_smallest_tolerances_are_the_smallest_that_pass():
     a = r + np.random.default_rng(5).normal(scale=1e-4, size=r.shape)
     for mode in ("raw", "normalized"):
         c = compare(r, a, FP32, mode=mode)
-        assert not c.passed and c.suggested == smallest_tolerances(r, a, 1e-3, 1e-6, mode)
+        assert not c.passed and c.suggested == {**smallest_tolerances(r, a, 1e-3, 1e-6, mode),
+                                                "min_cosine": pytest.approx(c.min_cosine, abs=1e-6)}
         s = c.suggested
         assert compare(r, a, {"rtol": s["rtol"], "atol": 1e-6}, mode=mode).passed
         assert compare(r, a, {"rtol": 1e-3, "atol": s["atol"]}, mode=mode).passed
