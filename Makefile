@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.reidbuild-installed
 
-.PHONY: demo test pycaffe bench clean-outputs
+.PHONY: demo test pycaffe bench zoo-table clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	# the exact CPU wheel first, so nothing below can pull a CUDA build of torch
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# fast-reid's own code, the reference the tests compare against (and `source.model_code: installed`).
+	# --no-deps: its metadata pins torch 1.13.1 and torchvision; the parts used here (config, modeling,
+	# Checkpointer, solver) need only yacs and termcolor, installed by the test extras above
+	$(BIN)/python -m pip install --quiet --no-deps fastreid==1.4.0
 	touch $(STAMP)
 
 demo: $(STAMP)
