@@ -58,7 +58,7 @@ def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: i
             chunk = images[start:start + batch]
             if len(chunk) < 2:  # BatchNorm in train mode needs two samples
                 chunk = images[-2:]
-            model(torch.from_numpy(np.ascontiguousarray(chunk)))
+            model(torch.from_numpy(np.array(chunk, dtype=np.float32)))  # a copy: fast-reid normalises in place
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
     model.eval()
