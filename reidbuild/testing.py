@@ -34,6 +34,24 @@ def _seeded_init(model: "torch.nn.Module", seed: int) -> None:  # noqa: F821
             weight.copy_(torch.randn(weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
             if getattr(mod, "bias", None) is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.01)
+        _damp_non_local(model, gen)
+
+
+def _damp_non_local(model: "torch.nn.Module", gen: "torch.Generator") -> None:  # noqa: F821
+    """Small output norms in Non-local blocks (modules with g/theta/phi/W children, fast-reid's and ours).
+
+    A Non-local block's attention is cubic in its input, so with full-scale weights an image a little brighter
+    than those the statistics were measured on grows through R101's nine blocks into inf. fast-reid starts
+    the norm ending ``W`` at zero and training keeps these branches small; so do trained-like weights.
+    """
+    import torch
+
+    for mod in model.modules():
+        if not all(hasattr(mod, name) for name in ("g", "theta", "phi", "W")):
+            continue
+        norms = [m for m in mod.W.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+        if norms:
+            norms[-1].weight.copy_(torch.rand(norms[-1].weight.shape, generator=gen) * 0.15 + 0.05)
 
 
 def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: int = 16) -> None:  # noqa: F821
