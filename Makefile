@@ -31,6 +31,13 @@ PYCAFFE_PREFIX ?= $(HOME)/.cache/reidbuild/pycaffe
 pycaffe: $(STAMP)
 	bash scripts/build_pycaffe.sh $(abspath $(BIN)/python) $(PYCAFFE_PREFIX)
 
+# every model config fast-reid ships through `reidbuild apply` (tests/zoo, about 10 minutes on 2 cores), then
+# the results as the README's table; a failing config is a row of the table, so the table is written either way
+zoo-table: $(STAMP) pycaffe
+	rm -rf outputs/zoo
+	-REIDBUILD_ZOO_RESULTS=outputs/zoo $(BIN)/python -m pytest -q tests/zoo
+	$(BIN)/python scripts/zoo_table.py outputs/zoo README.md
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
 

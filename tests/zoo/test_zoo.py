@@ -30,6 +30,16 @@ def _two_threads():
     torch.set_num_threads(before)
 
 
+def test_corpus_holds_every_model_config_fast_reid_ships() -> None:
+    """43 model configs beside the 4 bases in fast-reid's configs/ (commit c9bc3ce); the README quotes 43."""
+    files = corpus.config_files()
+    assert len(files) == 43
+    assert {corpus.config_id(p).split("/")[0] for p in files} == {
+        "DukeMTMC", "MSMT17", "Market1501", "VeRi", "VERIWild", "VehicleID"}
+    readme = (corpus.REPO / "README.md").read_text()
+    assert "each of the 43 model configs in fast-reid's `configs/` folder" in readme
+
+
 @pytest.mark.parametrize("path", corpus.config_files(), ids=corpus.config_id)
 def test_shipped_config_converts_and_matches_fastreid(path: Path, tmp_path: Path) -> None:
     entry = corpus.read_entry(path)

@@ -1,0 +1,112 @@
+"""Render the results of tests/zoo (one JSON per fast-reid config) into the README's model-zoo table.
+
+`make zoo-table` runs the tests with REIDBUILD_ZOO_RESULTS=outputs/zoo and then this script. Every config
+of the corpus gets a row; one the run did not reach is shown as "not run", never left out.
+
+    python scripts/zoo_table.py outputs/zoo README.md
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.zoo import corpus  # noqa: E402  (the corpus and the pass criteria the tests use)
+
+BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
+
+
+def _short_error(text: str) -> str:
+    """The error line without 'error:' and the temporary folder it names."""
+    text = re.sub(r"^error:\s*", "", text.strip())
+    text = re.sub(r"\S*/(logs/\S+)", r"\1", text)
+    return text.replace("|", "\\|")[:160]
+
+
+def _figures(m: Optional[dict[str, float]]) -> str:
+    if m is None:
+        return ""
+    return f"cos ≥ {m['min_cosine']:.9f}, max Δ {m['max_abs_normalised']:.1e}"
+
+
+def _cell(res: dict[str, Any], backend: str) -> str:
+    """One backend's cell: did apply build and check it, and how close it is to fast-reid's eval output."""
+    stage = {"onnx": "parity.onnxruntime", "caffe": "parity.caffe"}[backend]
+    m = res.get(backend)
+    status = res.get("stages", {}).get(stage)
+    if m is None:
+        return f"✗ {_short_error(res.get('error', ''))}" if res.get("exit") else "✗ not built"
+    matches = corpus.passes(m)
+    if status == "ok" and matches:
+        return f"✓ {_figures(m)}"
+    why = "apply's parity check failed" if status == "failed" else f"apply stopped before its parity check"
+    return f"✗ built, {why}{' (matches fast-reid)' if matches else ''}: {_figures(m)}"
+
+
+def rows(results: Path) -> tuple[list[str], dict[str, int]]:
+    out, counts = [], {"configs": 0, "apply": 0, "onnx": 0, "caffe": 0}
+    for path in corpus.config_files():
+        cid = corpus.config_id(path)
+        counts["configs"] += 1
+        f = results / f"{cid}.json"
+        if not f.is_file():
+            out.append(f"| {cid} | | | not run | not run |")
+            continue
+        res = json.loads(f.read_text())
+        h, w = res["input"]
+        counts["apply"] += res.get("exit") == 0
+        for b in ("onnx", "caffe"):
+            counts[b] += _cell(res, b).startswith("✓")
+        out.append(f"| {cid} | {res['architecture']} | {h}×{w} | {_cell(res, 'onnx')} | {_cell(res, 'caffe')} |")
+    return out, counts
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def table(results: Path) -> str:
+    body, n = rows(results)
+    head = [
+        f"`make zoo-table` output (fastreid {_version('fastreid')}, torch {_version('torch')}, onnxruntime "
+        f"{_version('onnxruntime')}, Caffe: pycaffe). {n['apply']} of {n['configs']} configs pass `reidbuild apply` "
+        f"(ONNX + Caffe, parity on both); ONNX ✓ {n['onnx']}, Caffe ✓ {n['caffe']}.",
+        "",
+        "| fast-reid config | architecture | input | ONNX | Caffe (bvlc) |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(head + body)
+
+
+def render(results: Path, readme: Path) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: the markers {BEGIN} and {END} are missing")
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    readme.write_text(text[:start] + "\n" + table(results) + "\n" + text[end:])
+
+
+def main() -> int:
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    results, readme = Path(sys.argv[1]), Path(sys.argv[2])
+    if not results.is_dir():
+        print(f"error: {results}: no results folder; run `make zoo-table`", file=sys.stderr)
+        return 2
+    render(results, readme)
+    print(f"wrote the table for {len(corpus.config_files())} configs into {readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
