@@ -49,8 +49,14 @@ def params(lm: LoadedManifest, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"META_ARCHITECTURE": model["META_ARCHITECTURE"], "BACKBONE": model["BACKBONE"], "HEADS": heads,
                 "PIXEL_MEAN": model["PIXEL_MEAN"], "PIXEL_STD": model["PIXEL_STD"]}
     root, files = code_files(lm)
-    return {"MODEL": {k: v for k, v in model.items() if k != "DEVICE"},
-            "model_code": {"path": str(root), "py_files": len(files), "sha256": code_digest(root, files)}}
+    # as written (not the resolved folder), so the same code elsewhere (CI, another venv) fingerprints the same
+    code = {"from": lm.model.source.model_code, "py_files": len(files), "sha256": code_digest(root, files)}
+    return {"MODEL": {k: v for k, v in model.items() if k != "DEVICE"}, "model_code": code}
+
+
+def facts(lm: LoadedManifest) -> dict[str, Any]:
+    """What the lock records beside the fingerprint: the folder the user's code was imported from."""
+    return {} if lm.model.source.model_code is None else {"model_code_path": str(code_root(lm))}
 
 
 def build(lm: LoadedManifest, cfg: dict[str, Any]) -> Any:
@@ -117,23 +123,30 @@ def _user_fastreid(lm: LoadedManifest) -> Iterator[Any]:
     """``fastreid`` imported from the manifest's model_code; any other loaded fastreid is set aside meanwhile
     and restored afterwards, so two manifests (or a test's own fast-reid) never see each other's modules."""
     root = code_root(lm)
+    if lm.model.source.model_code == INSTALLED:
+        yield _import_fastreid(lm, root)  # the package this Python imports anyway: no need to set others aside
+        return
     saved = _take_fastreid_modules()
     sys.path.insert(0, str(root))
     try:
-        try:
-            fastreid = importlib.import_module("fastreid")
-            importlib.import_module("fastreid.modeling")
-        except Exception as exc:
-            raise ManifestError(f"{lm.where('source', 'model_code')}: source.model_code: importing fastreid "
-                                f"from {root} failed: {_one_line(exc)}") from None
-        if not Path(fastreid.__file__).resolve().is_relative_to(root):
-            raise ManifestError(f"{lm.where('source', 'model_code')}: source.model_code: fastreid was imported "
-                                f"from {fastreid.__file__}, not from {root}")
-        yield fastreid
+        yield _import_fastreid(lm, root)
     finally:
         sys.path.remove(str(root))
         _take_fastreid_modules()
         sys.modules.update(saved)
+
+
+def _import_fastreid(lm: LoadedManifest, root: Path) -> Any:
+    """``fastreid`` (and its modeling registry) imported, and checked to come from ``root``."""
+    where = f"{lm.where('source', 'model_code')}: source.model_code"
+    try:
+        fastreid = importlib.import_module("fastreid")
+        importlib.import_module("fastreid.modeling")
+    except Exception as exc:
+        raise ManifestError(f"{where}: importing fastreid from {root} failed: {_one_line(exc)}") from None
+    if not Path(fastreid.__file__).resolve().is_relative_to(root):
+        raise ManifestError(f"{where}: fastreid was imported from {fastreid.__file__}, not from {root}")
+    return fastreid
 
 
 def _take_fastreid_modules() -> dict[str, Any]:

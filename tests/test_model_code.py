@@ -110,8 +110,8 @@ def test_installed_fastreid_builds_the_model(tmp_path: Path) -> None:
     assert code == 0, err
     load = lockfile.read(m.with_suffix(".lock")).stages["load"]
     mc = load.params["model"]["model_code"]
-    assert Path(mc["path"]) == Path(fastreid.__file__).resolve().parent.parent
-    assert len(mc["sha256"]) == 64 and mc["py_files"] > 50
+    assert mc["from"] == "installed" and len(mc["sha256"]) == 64 and mc["py_files"] > 50
+    assert Path(load.record["model_code_path"]) == Path(fastreid.__file__).resolve().parent.parent
     for feats in (corpus.onnx_features(t, tmp_path / "out"), corpus.caffe_features(t, tmp_path / "out")):
         assert corpus.passes(corpus.compare(t.reference, feats))
 
@@ -128,7 +128,7 @@ def test_fork_with_custom_head_converts_and_matches_the_fork(fork_project) -> No
         m_ = corpus.compare(t.reference, feats)
         assert corpus.passes(m_), m_
     lock = lockfile.read(m.with_suffix(".lock"))
-    assert lock.stages["load"].params["model"]["model_code"]["path"] == str(fork)
+    assert lock.stages["load"].record["model_code_path"] == str(fork)
 
     # an edit to the fork's code re-runs the load stage (and what depends on its result)
     before = lock.stages["load"].fingerprint

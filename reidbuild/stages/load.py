@@ -71,7 +71,8 @@ def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
                    "parameters": int(sum(p.numel() for p in model.parameters())),
                    "state_dict_keys": len(model.state_dict())}
         data = (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()
-        return StageResult({out: data}, {"feature_dim": summary["feature_dim"], "parameters": summary["parameters"]})
+        return StageResult({out: data}, {"feature_dim": summary["feature_dim"], "parameters": summary["parameters"],
+                                         **modelsource.facts(lm)})
 
     stage = Stage(name=STAGE, run=run, params={"model": model_params, "weights": weights_param, "input": [h, w]},
                   inputs=inputs, outputs=(out,), tools=("torch",),
