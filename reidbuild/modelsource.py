@@ -15,8 +15,9 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import ConfigError, ManifestError, Unavailable
 from .manifest import LoadedManifest
@@ -71,7 +72,7 @@ def build(lm: LoadedManifest, cfg: dict[str, Any]) -> Any:
         ucfg.MODEL.BACKBONE.PRETRAIN = False  # weights come from the checkpoint; nothing is downloaded
         try:
             model = importlib.import_module("fastreid.modeling").build_model(ucfg)
-        except Exception as exc:  # the user's code: any failure is a config it cannot build
+        except Exception as exc:  # noqa: BLE001 - the user's code may raise anything: a config it cannot build
             raise ConfigError(f"{lm.resolve(lm.model.source.config)}: the model_code's build_model failed: "
                               f"{_one_line(exc)}") from None
     model.eval()
@@ -91,7 +92,7 @@ def code_root(lm: LoadedManifest) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise Unavailable(f"{where}: 'installed' but no fastreid package is installed in this Python "
                               "(pip install --no-deps fastreid==1.4.0, or give the path of your fast-reid)")
-        return Path(list(spec.submodule_search_locations)[0]).resolve().parent
+        return Path(next(iter(spec.submodule_search_locations))).resolve().parent
     root = lm.resolve(str(value))
     if not root.is_dir():
         raise ManifestError(f"{where}: {value!r} is not a folder (expected a fast-reid checkout's root, "
@@ -142,7 +143,7 @@ def _import_fastreid(lm: LoadedManifest, root: Path) -> Any:
     try:
         fastreid = importlib.import_module("fastreid")
         importlib.import_module("fastreid.modeling")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - importing the user's code may raise anything
         raise ManifestError(f"{where}: importing fastreid from {root} failed: {_one_line(exc)}") from None
     if not Path(fastreid.__file__).resolve().is_relative_to(root):
         raise ManifestError(f"{where}: fastreid was imported from {fastreid.__file__}, not from {root}")
@@ -169,7 +170,7 @@ def _user_cfg(lm: LoadedManifest, fastreid: Any) -> Any:
         for key, value in src.opts.items():
             flat += [key, list(value) if isinstance(value, list) else value]
         cfg.merge_from_list(flat)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's config code may raise anything
         raise ConfigError(f"{path}: the model_code's fast-reid cannot read this config: {_one_line(exc)}") from None
     return cfg
 

@@ -12,12 +12,12 @@ import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.zoo import corpus  # noqa: E402  (the corpus and the pass criteria the tests use)
+from tests.zoo import corpus
 
 BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
 
@@ -29,7 +29,7 @@ def _short_error(text: str) -> str:
     return text.replace("|", "\\|")[:160]
 
 
-def _figures(m: Optional[dict[str, float]]) -> str:
+def _figures(m: dict[str, float] | None) -> str:
     if m is None:
         return ""
     return f"cos ≥ {m['min_cosine']:.9f}, max Δ {m['max_abs_normalised']:.1e}"
@@ -45,12 +45,13 @@ def _cell(res: dict[str, Any], backend: str) -> str:
     matches = corpus.passes(m)
     if status == "ok" and matches:
         return f"✓ {_figures(m)}"
-    why = "apply's parity check failed" if status == "failed" else f"apply stopped before its parity check"
+    why = "apply's parity check failed" if status == "failed" else "apply stopped before its parity check"
     return f"✗ built, {why}{' (matches fast-reid)' if matches else ''}: {_figures(m)}"
 
 
-def rows(results: Path) -> tuple[list[str], dict[str, int]]:
-    out, counts = [], {"configs": 0, "apply": 0, "onnx": 0, "caffe": 0}
+def rows(results: Path) -> tuple[list[str], dict[str, Any]]:
+    out: list[str] = []
+    counts: dict[str, Any] = {"configs": 0, "apply": 0, "onnx": 0, "caffe": 0, "commits": set()}
     for path in corpus.config_files():
         cid = corpus.config_id(path)
         counts["configs"] += 1
@@ -59,6 +60,7 @@ def rows(results: Path) -> tuple[list[str], dict[str, int]]:
             out.append(f"| {cid} | | | not run | not run |")
             continue
         res = json.loads(f.read_text())
+        counts["commits"].add(res.get("commit", "unknown"))
         h, w = res["input"]
         counts["apply"] += res.get("exit") == 0
         for b in ("onnx", "caffe"):
@@ -76,10 +78,13 @@ def _version(name: str) -> str:
 
 def table(results: Path) -> str:
     body, n = rows(results)
+    commits = ", ".join(sorted(n["commits"])) or "none"
+    summary = (f"`make zoo-table` output (reidbuild {commits}; fastreid {_version('fastreid')}, torch "
+               f"{_version('torch')}, onnxruntime "
+               f"{_version('onnxruntime')}, Caffe: pycaffe). {n['apply']} of {n['configs']} configs pass "
+               f"`reidbuild apply` (ONNX + Caffe, parity on both); ONNX ✓ {n['onnx']}, Caffe ✓ {n['caffe']}.")
     head = [
-        f"`make zoo-table` output (fastreid {_version('fastreid')}, torch {_version('torch')}, onnxruntime "
-        f"{_version('onnxruntime')}, Caffe: pycaffe). {n['apply']} of {n['configs']} configs pass `reidbuild apply` "
-        f"(ONNX + Caffe, parity on both); ONNX ✓ {n['onnx']}, Caffe ✓ {n['caffe']}.",
+        summary,
         "",
         "| fast-reid config | architecture | input | ONNX | Caffe (bvlc) |",
         "|---|---|---|---|---|",

@@ -80,7 +80,7 @@ def test_builtin_model_equals_fastreids(name: str, tmp_path: Path) -> None:
     Checkpointer(theirs, str(tmp_path)).save("model_final")
 
     ours = build_model(load_config(tmp_path / "config.yaml"))
-    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items() if not is_training_only(k)]  # noqa: E731
+    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items() if not is_training_only(k)]
     assert shapes(ours) == shapes(theirs)
     assert {k for k in theirs.state_dict() if is_training_only(k) and not k.endswith("num_batches_tracked")} == \
         {"heads.weight"}

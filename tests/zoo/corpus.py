@@ -15,10 +15,12 @@ Nothing here re-implements fast-reid: every model, config and checkpoint comes f
 """
 from __future__ import annotations
 
+import functools
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import yaml
@@ -142,7 +144,7 @@ def mean_cosine_between_images(features: np.ndarray) -> float:
 def write_manifest(t: Trained, extra_source: str = "", extra_parity: str = "") -> Path:
     """A manifest for ``t``: ONNX + Caffe (stock Caffe dialect), parity on onnxruntime and Caffe
     (``extra_*``: more lines for the source / parity sections, indented by two spaces)."""
-    rel = lambda p: p.relative_to(t.root).as_posix()  # noqa: E731
+    rel = lambda p: p.relative_to(t.root).as_posix()
     path = t.root / "reidbuild.yml"
     path.write_text(f"""\
 version: 1
@@ -222,7 +224,7 @@ def caffe_features(t: Trained, out: Path) -> np.ndarray:
     return np.concatenate([runner.infer(x[None]) for x in pixels(t)])
 
 
-def state_dict_differences(t: Trained) -> Optional[list[str]]:
+def state_dict_differences(t: Trained) -> list[str] | None:
     """Keys/shapes where reidbuild's built-in model differs from fast-reid's (training-only keys aside);
     None when reidbuild has no built-in model for the config."""
     from reidbuild.errors import ConfigError
@@ -242,6 +244,15 @@ def state_dict_differences(t: Trained) -> Optional[list[str]]:
 
 
 def record(path: Path, data: dict[str, Any]) -> None:
-    """One config's result for `make zoo-table` (scripts/zoo_table.py renders them into the README)."""
+    """One config's result for `make zoo-table` (scripts/zoo_table.py renders them into the README), with the
+    reidbuild commit it was measured on."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps({**data, "commit": _commit()}, indent=2, sort_keys=True) + "\n")
+
+
+@functools.lru_cache(maxsize=1)
+def _commit() -> str:
+    """``git describe --always --dirty`` of this checkout ('unknown' outside git)."""
+    run = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                         text=True, check=False)
+    return run.stdout.strip() or "unknown"
