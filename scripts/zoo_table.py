@@ -41,6 +41,8 @@ def _cell(res: dict[str, Any], backend: str) -> str:
     m = res.get(backend)
     status = res.get("stages", {}).get(stage)
     if m is None:
+        if backend == "caffe" and res.get("onnx") is None and res.get("exit"):
+            return "✗ not built (see ONNX)"
         return f"✗ {_short_error(res.get('error', ''))}" if res.get("exit") else "✗ not built"
     matches = corpus.passes(m)
     if status == "ok" and matches:
@@ -51,7 +53,8 @@ def _cell(res: dict[str, Any], backend: str) -> str:
 
 def rows(results: Path) -> tuple[list[str], dict[str, Any]]:
     out: list[str] = []
-    counts: dict[str, Any] = {"configs": 0, "apply": 0, "onnx": 0, "caffe": 0, "commits": set()}
+    counts: dict[str, Any] = {"configs": 0, "apply": 0, "onnx": 0, "caffe": 0, "built_in": 0, "keys": 0,
+                              "commits": set()}
     for path in corpus.config_files():
         cid = corpus.config_id(path)
         counts["configs"] += 1
@@ -63,6 +66,9 @@ def rows(results: Path) -> tuple[list[str], dict[str, Any]]:
         counts["commits"].add(res.get("commit", "unknown"))
         h, w = res["input"]
         counts["apply"] += res.get("exit") == 0
+        keys = res.get("key_differences")
+        counts["built_in"] += keys is not None
+        counts["keys"] += keys == []
         for b in ("onnx", "caffe"):
             counts[b] += _cell(res, b).startswith("✓")
         out.append(f"| {cid} | {res['architecture']} | {h}×{w} | {_cell(res, 'onnx')} | {_cell(res, 'caffe')} |")
@@ -82,7 +88,9 @@ def table(results: Path) -> str:
     summary = (f"`make zoo-table` output (reidbuild {commits}; fastreid {_version('fastreid')}, torch "
                f"{_version('torch')}, onnxruntime "
                f"{_version('onnxruntime')}, Caffe: pycaffe). {n['apply']} of {n['configs']} configs pass "
-               f"`reidbuild apply` (ONNX + Caffe, parity on both); ONNX ✓ {n['onnx']}, Caffe ✓ {n['caffe']}.")
+               f"`reidbuild apply` (ONNX + Caffe, parity on both); ONNX ✓ {n['onnx']}, Caffe ✓ {n['caffe']}. reidbuild "
+               f"builds {n['built_in']} of them in; for {n['keys']} of those its state-dict keys and shapes equal "
+               "fast-reid's.")
     head = [
         summary,
         "",
