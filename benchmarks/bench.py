@@ -1,13 +1,19 @@
-"""Print the figures the README quotes: apply times, no-op ratio, images/s per backend, peak RSS.
+"""Print every figure the README's benchmark section quotes, each ratio measured within this one run.
 
-Run: .venv/bin/python benchmarks/bench.py [--only demo|r50]
-Each ratio is measured within one run of this script, on the same machine, back to back.
+The model is a fast-reid bag-of-tricks R50 at 256x128 with trained-like weights (benchmarks/project.py:
+BatchNorm statistics measured on person-like images, features that differ between images), 12 parity
+images, targets onnx + caffe. Printed: the CPU, full and no-op `reidbuild apply` (fresh processes: wall, CPU,
+peak RSS, stage times), onnxruntime fp32 vs PyTorch eager, and int8 vs fp32 on onnxruntime with int8
+fidelity (benchmarks/bench_int8.py).
+
+Run: .venv/bin/python benchmarks/bench.py [--noop-runs 3] [--seconds 2] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,25 +22,44 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-MANIFESTS = {"demo": REPO / "manifests" / "demo.yml", "r50": REPO / "benchmarks" / "r50.yml"}
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as reidbuild's CLI runs PyTorch: no spinning threads
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+REPO = HERE.parent
 
 
-def apply_once(manifest: Path, *extra: str) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `reidbuild apply` in a fresh process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def cpu_facts() -> str:
+    """Model name, usable cores and the SIMD flags that decide int8 speed, from /proc/cpuinfo."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{model}, {cores} usable cores, flags: {', '.join(simd) or 'none of avx2/avx512f/vnni'}"
+
+
+def apply_proc(manifest: Path, *extra: str) -> tuple[float, dict]:
+    """(wall s, --json output) of one `reidbuild apply` in a fresh process (CPU and RSS: RUSAGE_CHILDREN)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's install has .pyc files
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "reidbuild.cli", "apply", str(manifest), *extra],
-                       capture_output=True, text=True)
-    secs = time.perf_counter() - t0
+    r = subprocess.run([sys.executable, "-m", "reidbuild.cli", "apply", "--json", str(manifest), *extra],
+                       capture_output=True, text=True, env=env, cwd=manifest.parent)
+    wall = time.perf_counter() - t0
     if r.returncode != 0:
         sys.exit(f"apply {manifest} failed ({r.returncode}): {r.stderr.strip().splitlines()[-1]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return secs, max(peak, before) / 1024.0
+    return wall, json.loads(r.stdout)
 
 
-def throughput(run, batch: np.ndarray, seconds: float = 3.0) -> float:
-    run(batch)  # warm-up
+def throughput(run, batch: np.ndarray, seconds: float) -> float:
+    run(batch)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         run(batch)
@@ -42,50 +67,72 @@ def throughput(run, batch: np.ndarray, seconds: float = 3.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench(key: str) -> None:
-    src = MANIFESTS[key]
-    with tempfile.TemporaryDirectory() as tmp:
-        # a private copy of the manifest so the committed lock and outputs are not touched
-        work = Path(tmp) / src.parent.name
-        work.mkdir()
-        manifest = work / src.name
-        manifest.write_text(src.read_text().replace("../outputs/", f"{tmp}/outputs/")
-                            .replace("../configs/", f"{REPO}/configs/").replace("../test_data/", f"{REPO}/test_data/"))
-        full, rss = apply_once(manifest)
-        noop, _ = apply_once(manifest)
-        print(f"[{key}] full apply {full:.1f} s, no-op apply {noop:.2f} s, ratio {full / noop:.1f}x, "
-              f"peak RSS of a full apply {rss:.0f} MiB")
+def bench_apply(manifest: Path, noop_runs: int) -> None:
+    import resource
 
-        import torch
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, info = apply_proc(manifest)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu, rss = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), after.ru_maxrss / 1024.0
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in info["timings"].items())
+    print(f"[r50] full apply {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {rss:.0f} MiB")
+    print(f"[r50] stage times (s): {stages}")
+    noops = []
+    for _ in range(noop_runs):
+        b = resource.getrusage(resource.RUSAGE_CHILDREN)
+        w, info = apply_proc(manifest)
+        a = resource.getrusage(resource.RUSAGE_CHILDREN)
+        assert not info["ran"], info["ran"]
+        noops.append((w, (a.ru_utime + a.ru_stime) - (b.ru_utime + b.ru_stime)))
+    w = statistics.median(x[0] for x in noops)
+    c = statistics.median(x[1] for x in noops)
+    print(f"[r50] no-op apply {w:.3f} s wall (median of {noop_runs}), {c:.3f} s CPU, {100 * w / wall:.1f}% of the "
+          f"full apply")
 
-        from reidbuild.backends.onnxruntime import OnnxRuntimeRunner
-        from reidbuild.manifest import load_manifest
-        from reidbuild.stages.load import model_config, build_torch_model
 
-        lm = load_manifest(manifest)
-        model = build_torch_model(lm, model_config(lm))
-        ort_runner = OnnxRuntimeRunner(lm.output_dir / f"{lm.model.name}.onnx")
-        h, w = lm.model.input.height, lm.model.input.width
-        torch.set_num_threads(os.cpu_count() or 1)
-        for bs in (1, 8):
-            x = np.random.default_rng(0).uniform(0, 255, (bs, 3, h, w)).astype(np.float32)
+def bench_ort_vs_torch(manifest: Path, seconds: float, rounds: int) -> None:
+    import torch
 
-            def torch_run(b):
-                with torch.inference_mode():
-                    model(torch.from_numpy(b))
-            t_ips = throughput(torch_run, x)
-            o_ips = throughput(ort_runner.infer, x)
-            print(f"[{key}] batch {bs}: PyTorch {t_ips:.1f} img/s, onnxruntime {o_ips:.1f} img/s, "
-                  f"ratio {o_ips / t_ips:.2f}x")
+    from reidbuild.backends.onnxruntime import OnnxRuntimeRunner
+    from reidbuild.manifest import load_manifest
+    from reidbuild.stages.load import build_torch_model, model_config
+    from reidbuild.testing import person_like_images
+
+    lm = load_manifest(manifest)
+    model = build_torch_model(lm, model_config(lm))
+    runner = OnnxRuntimeRunner(lm.output_dir / f"{lm.model.name}.onnx")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    for bs in (1, 8):
+        x = person_like_images(bs, 256, 128, seed=11)
+
+        def torch_run(b):
+            with torch.inference_mode():
+                model(torch.from_numpy(b))
+        t_ips = o_ips = 0.0
+        for _ in range(rounds):  # interleaved, best kept: load changes hit both alike
+            t_ips = max(t_ips, throughput(torch_run, x, seconds))
+            o_ips = max(o_ips, throughput(runner.infer, x, seconds))
+        print(f"[r50] batch {bs}: PyTorch eager {t_ips:.1f} img/s, onnxruntime fp32 {o_ips:.1f} img/s, "
+              f"ratio {o_ips / t_ips:.2f}x")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=sorted(MANIFESTS))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--noop-runs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per throughput measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved int8 rounds (best kept)")
     args = ap.parse_args()
-    print(f"machine: {os.cpu_count()} CPU cores; python {sys.version.split()[0]}")
-    for key in [args.only] if args.only else list(MANIFESTS):
-        bench(key)
+    from bench_int8 import int8_figures
+    from project import make_r50_project
+
+    load = os.getloadavg()[0]
+    print(f"machine: {cpu_facts()}; python {sys.version.split()[0]}; load average at start {load:.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = make_r50_project(Path(tmp))
+        bench_apply(manifest, args.noop_runs)
+        bench_ort_vs_torch(manifest, args.seconds, args.rounds)
+        fp32 = (manifest.parent / "outputs" / "bench_r50.onnx").read_bytes()
+        int8_figures(fp32, args.seconds, args.rounds, out=lambda s: print(s.replace("[int8]", "[r50 int8]")))
 
 
 if __name__ == "__main__":

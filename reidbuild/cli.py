@@ -19,30 +19,23 @@ os.environ.setdefault("GLOG_minloglevel", "2")  # keep pycaffe quiet
 
 import click
 
-from .errors import CheckFailed, InputError, ReidbuildError
+from .errors import CheckFailed, InputError
 
 EXIT_OK, EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 6, 70, 130
 
 
 def _fail(exc: BaseException) -> NoReturn:
-    if isinstance(exc, ReidbuildError):
-        first, _, rest = exc.message.partition("\n")
-        click.echo(f"error: {first}", err=True)
-        if rest:
-            click.echo(rest, err=True)
-        sys.exit(exc.exit_code)
-    if isinstance(exc, OSError) and exc.strerror:
-        where = exc.filename or "file system"
-        click.echo(f"error: {where}: {exc.strerror} (nothing half-written was kept)", err=True)
-        sys.exit(EXIT_IO)
-    if isinstance(exc, KeyboardInterrupt):
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    if os.environ.get("REIDBUILD_DEBUG"):
+    from .errors import classify
+
+    code, message = classify(exc)
+    if code == EXIT_INTERNAL and os.environ.get("REIDBUILD_DEBUG"):
         raise exc
-    click.echo(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-               "(a bug in reidbuild; set REIDBUILD_DEBUG=1 for a traceback)", err=True)
-    sys.exit(EXIT_INTERNAL)
+    first, _, rest = message.partition("\n")
+    prefix = "error: " if code not in (EXIT_INTERNAL, EXIT_INTERRUPTED) else ""
+    click.echo(f"{prefix}{first}", err=True)
+    if rest:
+        click.echo(rest, err=True)
+    sys.exit(code)
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,11 +116,12 @@ def schema() -> None:
 def plan(manifest: str, as_json: bool, diff: bool) -> None:
     """Show which stages would run and why."""
     from . import lockfile
-    from .fsutil import HashCache
     from .pipeline import Planner
+    from .statcache import open_cache
 
     lm, stages = _load(manifest)
-    planner = Planner(stages, lockfile.read(lm.lock_path), lm.output_dir, lm.base, HashCache())
+    hashes = open_cache(lm.output_dir, trust=lm.output_dir.is_dir())  # read-only here: plan holds no run lock
+    planner = Planner(stages, lockfile.read(lm.lock_path), lm.output_dir, lm.base, hashes)
     plans = planner.plan()
     unavailable = {s.name: s.available() for s in stages if s.available}
     rows = [{"stage": p.stage.name, "stale": p.stale, "reasons": p.reasons, "outputs": list(p.stage.outputs),
@@ -152,61 +146,115 @@ def plan(manifest: str, as_json: bool, diff: bool) -> None:
         click.echo("no graph patches in this manifest: nothing to diff")
 
 
+def print_event(label: str, ev: Any) -> None:
+    """One progress line on stderr for a pipeline event (module level: fleet worker processes pickle it)."""
+    where = f"[{label}] " if label else ""
+    if ev.kind == "start":
+        click.echo(f"==> {where}{ev.stage}: running ({ev.message})", err=True)
+    elif ev.kind == "done":
+        click.echo(f"    {where}{ev.stage}: done in {ev.seconds:.1f} s", err=True)
+    elif ev.kind == "cached":
+        click.echo(f"    {where}{ev.stage}: up to date", err=True)
+    elif ev.kind == "restored":
+        click.echo(f"    {where}{ev.stage}: restored from cache", err=True)
+    elif ev.kind == "skip":
+        click.echo(f"    {where}{ev.stage}: SKIPPED ({ev.message})", err=True)
+    elif ev.kind == "fail":
+        click.echo(f"    {where}{ev.stage}: FAILED in {ev.seconds:.1f} s", err=True)
+    elif ev.kind == "warn":
+        click.echo(f"warning: {where}{ev.message}", err=True)
+    elif ev.kind == "log":
+        click.echo(f"    {where}{ev.stage}: {ev.message}", err=True)
+
+
+def _fleet_printer(label: str) -> Callable[[Any], None]:
+    import functools
+
+    return functools.partial(print_event, label)
+
+
 @main.command()
-@MANIFEST
+@click.argument("manifests", nargs=-1)
 @JSON
 @click.option("--locked", is_flag=True, help="CI mode: fail if any artifact would differ from the lock; never rewrite it.")
 @click.option("--skip-unavailable", is_flag=True, help="Record stages whose backend is missing here as skipped.")
 @click.option("--force", is_flag=True, help="Re-run every stage even if up to date.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="If another run holds the output folder: wait for it, or fail at once (exit 4).")
+@click.option("--cache", "cache_url", envvar="REIDBUILD_CACHE", metavar="URL",
+              help="Shared build cache (file:///folder, s3://bucket/prefix, any fsspec URL); env REIDBUILD_CACHE.")
+@click.option("--cache-required", is_flag=True, help="Exit 3 if the cache cannot be reached (default: warn, build here).")
+@click.option("--cache-push/--no-cache-push", default=True, show_default=True,
+              help="Push what this run built to the cache (--no-cache-push: only restore).")
+@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Build this many manifests at once, in local processes.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Run every stage as a Ray task on the cluster at ADDRESS (default: auto); needs --cache.")
 @_guard
-def apply(manifest: str, as_json: bool, locked: bool, skip_unavailable: bool, force: bool, wait: bool) -> None:
-    """Run every stale stage, write artifacts and the lock, and prove parity."""
-    from . import pipeline
-    from .fsutil import ensure_dir, run_lock
+def apply(manifests: tuple[str, ...], as_json: bool, locked: bool, skip_unavailable: bool, force: bool, wait: bool,
+          cache_url: str | None, cache_required: bool, cache_push: bool, jobs: int, ray_address: str | None) -> None:
+    """Run every stale stage, write artifacts and the lock, and prove parity.
 
+    Several manifests (files, folders, globs) build as a fleet: one's failure does not stop the others, and
+    the exit code is the worst one.
+    """
+    from . import fleet
+
+    if ray_address is not None and (ray_address.endswith((".yml", ".yaml")) or Path(ray_address).exists()):
+        manifests, ray_address = (ray_address, *manifests), "auto"  # `--ray m.yml`: a manifest, not an address
+    if not manifests:
+        raise click.UsageError("give at least one manifest (a file, a folder or a glob)")
+    opts = fleet.ApplyOptions(locked=locked, skip_unavailable=skip_unavailable, force=force, wait=wait,
+                              cache=cache_url or None, cache_required=cache_required, cache_push=cache_push)
+    one = manifests[0]
+    if len(manifests) > 1 or jobs > 1 or ray_address is not None or Path(one).is_dir() or any(c in one for c in "*?["):
+        _apply_fleet(fleet.expand_manifests(list(manifests)), opts, as_json, jobs, ray_address)
+        return
     t0 = time.perf_counter()
-    lm, stages = _load(manifest)
-    out_dir = ensure_dir(lm.output_dir)
     log: list[dict[str, Any]] = []
 
-    def emit(ev: pipeline.Event) -> None:
+    def emit(ev: Any) -> None:
         log.append({"kind": ev.kind, "stage": ev.stage, "message": ev.message, "seconds": round(ev.seconds, 3)})
-        if ev.kind == "start":
-            click.echo(f"==> {ev.stage}: running ({ev.message})", err=True)
-        elif ev.kind == "done":
-            click.echo(f"    {ev.stage}: done in {ev.seconds:.1f} s", err=True)
-        elif ev.kind == "cached":
-            click.echo(f"    {ev.stage}: up to date", err=True)
-        elif ev.kind == "skip":
-            click.echo(f"    {ev.stage}: SKIPPED ({ev.message})", err=True)
-        elif ev.kind == "fail":
-            click.echo(f"    {ev.stage}: FAILED in {ev.seconds:.1f} s", err=True)
-        elif ev.kind == "log":
-            click.echo(f"    {ev.stage}: {ev.message}", err=True)
+        print_event("", ev)
 
-    with run_lock(out_dir, wait, on_wait=lambda msg: click.echo(msg, err=True)):
-        outcome = pipeline.run(stages, lock_path=lm.lock_path, output_dir=out_dir, base=lm.base, emit=emit,
-                               manifest_entry={"path": lm.path.name, "sha256": lm.sha256},
-                               locked=locked, skip_unavailable=skip_unavailable, force=force)
+    res = fleet.apply_manifest(Path(manifests[0]), opts, emit, on_wait=lambda msg: click.echo(msg, err=True))
     total = time.perf_counter() - t0
     if as_json:
-        _emit_json({"manifest": str(lm.path), "lock": str(lm.lock_path), "ran": outcome.ran, "cached": outcome.cached,
-                    "skipped": outcome.skipped, "failed": outcome.failed, "drift": outcome.drift,
-                    "timings": {k: round(v, 3) for k, v in outcome.timings.items()}, "seconds": round(total, 3),
-                    "events": log})
-    elif not outcome.ran and not outcome.failed:
-        click.echo(f"nothing to do: all {len(outcome.cached)} stages up to date ({total:.1f} s)")
+        _emit_json({**res.to_dict(), "seconds": round(total, 3), "events": log})
+    elif not res.ran and not res.failed and not res.restored:
+        click.echo(f"nothing to do: all {len(res.cached)} stages up to date ({total:.1f} s)")
     else:
-        click.echo(f"ran {len(outcome.ran)} stage(s), {len(outcome.cached)} up to date, "
-                   f"{len(outcome.skipped)} skipped in {total:.1f} s; lock: {lm.lock_path}")
-    if locked and outcome.skipped:
-        click.echo("skipped stages (not checked): " + ", ".join(outcome.skipped), err=True)
-    if outcome.drift:
-        raise CheckFailed("--locked: artifacts differ from the lock: " + ", ".join(outcome.drift))
-    if outcome.failed:
-        raise CheckFailed("; ".join(outcome.failed))
+        restored = f"{len(res.restored)} restored from cache, " if res.restored else ""
+        click.echo(f"ran {len(res.ran)} stage(s), {restored}{len(res.cached)} up to date, "
+                   f"{len(res.skipped)} skipped in {total:.1f} s; lock: {res.lock}")
+    if locked and res.skipped:
+        click.echo("skipped stages (not checked): " + ", ".join(res.skipped), err=True)
+    if res.drift:
+        raise CheckFailed("--locked: artifacts differ from the lock: " + ", ".join(res.drift))
+    if res.failed:
+        raise CheckFailed("; ".join(res.failed))
+
+
+def _apply_fleet(paths: list[Path], opts: Any, as_json: bool, jobs: int, ray_address: str | None) -> None:
+    """Build many manifests; print one summary line per manifest and exit with the worst code."""
+    from . import fleet
+
+    t0 = time.perf_counter()
+    results = fleet.run_fleet(paths, opts, _fleet_printer, jobs=jobs, ray_address=ray_address)
+    total = time.perf_counter() - t0
+    if as_json:
+        _emit_json({"manifests": [r.to_dict() for r in results], "seconds": round(total, 3),
+                    "exit_code": fleet.worst(results)})
+    else:
+        for r in results:
+            state = "ok" if r.exit_code == 0 else f"FAILED (exit {r.exit_code}): {r.message.splitlines()[0]}"
+            click.echo(f"{r.manifest}: {state}; ran {len(r.ran)}, restored {len(r.restored)}, "
+                       f"up to date {len(r.cached)}, skipped {len(r.skipped)}")
+        ok = sum(r.exit_code == 0 for r in results)
+        click.echo(f"{ok} of {len(results)} manifests ok in {total:.1f} s")
+    code = fleet.worst(results)
+    if code:
+        sys.exit(code)
 
 
 @main.command()
@@ -252,6 +300,50 @@ def infer(manifest: str, backend: str, pattern: str, out: str, batch_size: int, 
         _emit_json({"backend": backend, "written": [str(p) for p in written]})
     else:
         click.echo(f"wrote {len(written)} feature file(s) to {out}")
+
+
+@main.group()
+def cache() -> None:
+    """Look after a shared build cache (for the people who run it)."""
+
+
+CACHE_URL = click.option("--cache", "cache_url", envvar="REIDBUILD_CACHE", required=True, metavar="URL",
+                         help="The cache (file:///folder, s3://bucket/prefix); env REIDBUILD_CACHE.")
+
+
+@cache.command("ls")
+@CACHE_URL
+@JSON
+@_guard
+def cache_ls(cache_url: str, as_json: bool) -> None:
+    """List the action entries: key, stage, files, size and when each was pushed."""
+    from .cache import open_store
+
+    store = open_store(cache_url, required=True, why_required="cache ls needs to read it")
+    rows = [{"key": e.key, "stage": e.stage, "files": sorted(e.files), "bytes": e.size,
+             "pushed": e.modified.isoformat(timespec="seconds")} for e in store.entries()]
+    if as_json:
+        _emit_json({"cache": cache_url, "entries": rows})
+        return
+    for r in sorted(rows, key=lambda r: (r["pushed"], r["stage"])):
+        click.echo(f"{r['key'][:16]}  {r['pushed']}  {r['bytes']:>12,d} B  {r['stage']:<22} {', '.join(r['files'])}")
+    click.echo(f"{len(rows)} entries, {sum(r['bytes'] for r in rows):,d} bytes referenced")
+
+
+@cache.command("gc")
+@CACHE_URL
+@click.option("--keep-days", required=True, type=click.FloatRange(0), help="Drop entries pushed more than N days ago.")
+@JSON
+@_guard
+def cache_gc(cache_url: str, keep_days: float, as_json: bool) -> None:
+    """Drop old action entries, then the blobs no remaining entry names."""
+    from .cache import open_store
+
+    entries, blobs, freed = open_store(cache_url, required=True, why_required="cache gc needs it").gc(keep_days)
+    if as_json:
+        _emit_json({"cache": cache_url, "entries_removed": entries, "blobs_removed": blobs, "bytes_freed": freed})
+    else:
+        click.echo(f"removed {entries} entries and {blobs} blobs ({freed:,d} bytes)")
 
 
 if __name__ == "__main__":  # pragma: no cover

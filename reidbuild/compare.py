@@ -7,9 +7,10 @@ NaN/Inf, shape mismatches and all-zero outputs always fail: parity must never pa
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # imported where used: planning a build (a no-op apply) must not pay for numpy
+    import numpy as np
 
 TOLERANCE_KEYS = ("rtol", "atol", "min_cosine", "min_rank1", "topk", "min_topk_overlap")
 
@@ -56,6 +57,8 @@ class Comparison:
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     na = np.linalg.norm(a, axis=1)
     nb = np.linalg.norm(b, axis=1)
     denom = na * nb
@@ -65,6 +68,8 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _neighbours(feats: np.ndarray, k: int) -> np.ndarray:
+    import numpy as np
+
     norm = np.linalg.norm(feats, axis=1, keepdims=True)
     unit = feats / np.where(norm > 0, norm, 1.0)
     sim = unit @ unit.T
@@ -74,6 +79,8 @@ def _neighbours(feats: np.ndarray, k: int) -> np.ndarray:
 
 def retrieval_agreement(reference: np.ndarray, actual: np.ndarray, k: int) -> tuple[Optional[float], Optional[float]]:
     """(rank-1 agreement, mean top-k overlap) using each image as a query against all the others."""
+    import numpy as np
+
     n = len(reference)
     if n < 3:
         return None, None
@@ -87,6 +94,8 @@ def retrieval_agreement(reference: np.ndarray, actual: np.ndarray, k: int) -> tu
 
 def compare(reference: np.ndarray, actual: np.ndarray, tol: dict[str, Any]) -> Comparison:
     """Judge ``actual`` against ``reference`` (both [N, D]); unset tolerance keys are not checked."""
+    import numpy as np
+
     tol = {k: tol.get(k) for k in TOLERANCE_KEYS}
     topk = int(tol.get("topk") or 5)
     failures: list[str] = []

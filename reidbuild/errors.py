@@ -67,3 +67,20 @@ class StageFailed(ReidbuildError):
 
 class NotExpressible(StageFailed):
     """A graph construct has no faithful equivalent in the target format/dialect."""
+
+
+EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 6, 70, 130
+
+
+def classify(exc: BaseException) -> tuple[int, str]:
+    """The exit code and one-line message for an error (shared by the CLI and fleet builds' per-manifest
+    results, so one manifest's failure reads the same alone or in a fleet)."""
+    if isinstance(exc, ReidbuildError):
+        return exc.exit_code, exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        return EXIT_IO, f"{exc.filename or 'file system'}: {exc.strerror} (nothing half-written was kept)"
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return EXIT_INTERNAL, (f"internal error: {type(exc).__name__}: {first} (a bug in reidbuild; set "
+                           "REIDBUILD_DEBUG=1 for a traceback)")

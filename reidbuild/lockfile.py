@@ -25,7 +25,7 @@ class StageRecord:
     """What one stage consumed and produced the last time it ran."""
 
     fingerprint: str
-    status: str  # ok | failed | skipped
+    status: str  # ok | failed | skipped | refused (the target format cannot express the model)
     params: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)   # role -> {path, sha256, size}
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> {path, sha256, size, ...}
@@ -45,17 +45,19 @@ class Lock:
     def to_text(self) -> str:
         body = {"version": LOCK_VERSION, "manifest": self.manifest,
                 "stages": {k: v.to_dict() for k, v in self.stages.items()}}
-        return HEADER + yaml.safe_dump(_plain(body), sort_keys=True, default_flow_style=False, width=100)
+        return HEADER + yaml.safe_dump(plain(body), sort_keys=True, default_flow_style=False, width=100)
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """Round-trip through JSON so only plain types (and stable float text) reach YAML."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+
+
 def fingerprint(parts: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a stage's parameters, input hashes, upstream hashes and tool versions."""
-    text = json.dumps(_plain(parts), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(plain(parts), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -63,7 +65,7 @@ def read(path: Path) -> Lock | None:
     """The lock at ``path``, None if absent; a corrupt lock is an InputError naming the file."""
     if not path.exists():
         return None
-    doc = yamlio.load(path, "lock file")
+    doc = yamlio.load(path, "lock file", fast=True)
     data = doc.data
     try:
         if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
@@ -96,7 +98,14 @@ def _check_record(name: str, rec: Any) -> None:
 
 
 def write(path: Path, lock: Lock) -> None:
-    atomic_write(path.parent, path.name, lock.to_text().encode())
+    """Write the lock atomically; an unchanged lock is left alone (a no-op apply writes nothing)."""
+    data = lock.to_text().encode()
+    try:
+        if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write(path.parent, path.name, data)
 
 
 def iter_artifacts(lock: Lock) -> Iterator[tuple[str, str, dict[str, Any]]]:

@@ -105,6 +105,9 @@ class TensorRTTarget(_Strict):
     width: Optional[int] = Field(None, ge=8, le=4096)
     workspace_mib: int = Field(1024, ge=16, le=1 << 20)
     calibration: Optional[Calibration] = None
+    gpu: Optional[str] = Field(None, min_length=1, max_length=200, description=(
+        "GPU model the engine is built for in fleet builds (`apply --ray`), e.g. \"NVIDIA A10\": the engine "
+        "stage runs only on a Ray node advertising this name as a custom resource. Not part of the fingerprint."))
 
     @model_validator(mode="after")
     def _int8_needs_calibration(self) -> "TensorRTTarget":

@@ -63,7 +63,7 @@ def facts(lm: LoadedManifest) -> dict[str, Any]:
 def build(lm: LoadedManifest, cfg: dict[str, Any]) -> Any:
     """The untrained eval-mode model on the CPU (weights come afterwards from the checkpoint)."""
     if lm.model.source.model_code is None:
-        from .fastreid.baseline import build_model
+        from .fastreid.registry import build_model
 
         return build_model(cfg)
     with _user_fastreid(lm) as fastreid:

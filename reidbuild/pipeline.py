@@ -13,11 +13,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from . import lockfile
-from .errors import CheckFailed, InputError, ReidbuildError, StageFailed, Unavailable
+from .errors import CheckFailed, InputError, NotExpressible, ReidbuildError, StageFailed, Unavailable
 from .fsutil import HashCache, atomic_write, clean_temp_files, ensure_dir, sha256_bytes
+from .statcache import StatCache, open_cache
 
 # ----------------------------------------------------------------------------------------------- types
 
@@ -29,6 +30,7 @@ class StageResult:
     outputs: dict[str, bytes] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     failed: Optional[str] = None  # a check stage sets this: recorded as failed, apply exits 1
+    sha256: dict[str, str] = field(default_factory=dict)  # outputs' hashes already checked (restored from cache)
 
 
 @dataclass
@@ -51,6 +53,10 @@ class Stage:
     description: str = ""
     # for `plan --diff`: given the output folder, per change (what, readable before/after diff)
     diff: Optional[Callable[[Path], list[tuple[Path, str]]]] = None
+    # non-reproducible stages: what the bytes are tied to here (GPU, TensorRT...); part of the shared-cache key
+    environment: Optional[Callable[[], dict[str, Any]]] = None
+    # what a node must offer to run it in a fleet build, e.g. {"gpu": "NVIDIA A10"} (not in the fingerprint)
+    placement: dict[str, str] = field(default_factory=dict)
 
 
 class StageContext:
@@ -135,6 +141,11 @@ def _rel(path: Path, base: Path, follow: bool = True) -> str:
         return os.path.relpath(path, base.resolve())
 
 
+def stage_inputs(stage: Stage, base: Path, hashes: HashCache) -> dict[str, dict[str, Any]]:
+    """Role -> {path, sha256, size} of the stage's external input files (what its context is given)."""
+    return {role: file_entry(p, base, hashes) for role, p in sorted(stage.inputs.items())}
+
+
 class Planner:
     """Computes fingerprints and stale reasons against a lock, stage by stage, in order."""
 
@@ -152,7 +163,7 @@ class Planner:
                     raise ValueError(f"stage {s.name} depends on {d}, which does not run before it")
 
     def inputs_of(self, stage: Stage) -> dict[str, dict[str, Any]]:
-        return {role: file_entry(p, self.base, self.hashes) for role, p in sorted(stage.inputs.items())}
+        return stage_inputs(stage, self.base, self.hashes)
 
     def dep_hashes(self, stage: Stage, outputs: dict[str, dict[str, dict[str, Any]]]) -> Optional[dict[str, str]]:
         deps: dict[str, str] = {}
@@ -196,7 +207,7 @@ class Planner:
 
     def _why_changed(self, stage: Stage, rec: lockfile.StageRecord) -> list[str]:
         out = []
-        params = lockfile._plain(stage.params)
+        params = lockfile.plain(stage.params)
         changed = sorted(k for k in set(params) | set(rec.params) if params.get(k) != rec.params.get(k))
         if changed:
             out.append("parameters changed: " + ", ".join(changed))
@@ -253,17 +264,101 @@ class RunOutcome:
     drift: list[str]
     lock: lockfile.Lock
     timings: dict[str, float]
+    restored: list[str] = field(default_factory=list)  # taken from the shared cache instead of run
+
+
+class ResultStore(Protocol):
+    """A shared cache of stage results (``reidbuild.cache.Store``): restore before running, push after commit.
+
+    Both calls report problems through ``emit`` and return normally; only a store opened as required
+    raises (``Unavailable``) when it cannot be reached.
+    """
+
+    def action_key(self, stage: Stage, fingerprint: str) -> Optional[str]: ...
+
+    def restore(self, stage: Stage, key: str, emit: Callable[[Event], None]) -> Optional[StageResult]: ...
+
+    def push(self, stage: Stage, key: str, result: StageResult, emit: Callable[[Event], None]) -> None: ...
+
+
+class StageRunner(Protocol):
+    """Where stages run: here by default, or elsewhere (``reidbuild.fleet``'s Ray runner)."""
+
+    def unavailable(self, stage: Stage) -> Optional[str]: ...
+
+    def execute(self, stage: Stage, fingerprint: str, ctx: StageContext,
+                committed: dict[str, dict[str, Any]]) -> StageResult: ...
+
+
+class LocalRunner:
+    """Runs each stage in this process."""
+
+    def unavailable(self, stage: Stage) -> Optional[str]:
+        return stage.available() if stage.available else None
+
+    def execute(self, stage: Stage, fingerprint: str, ctx: StageContext,
+                committed: dict[str, dict[str, Any]]) -> StageResult:
+        return stage.run(ctx)
+
+
+def _restore_or_run(stage: Stage, fp: str, reasons: list[str], ctx: StageContext,
+                    committed: dict[str, dict[str, Any]], store: Optional[ResultStore], runner: StageRunner,
+                    emit: Callable[[Event], None], may_restore: bool) -> tuple[StageResult, Optional[str], bool]:
+    """The stage's result from the shared cache when it holds this action (and ``may_restore``: not with
+    --force, which means "prove it again here"), else from running it.
+
+    Returns (result, action key or None, restored?).
+    """
+    key = store.action_key(stage, fp) if store is not None else None
+    if key is not None and may_restore:
+        restored = store.restore(stage, key, emit)
+        if restored is not None:
+            return restored, key, True
+    emit(Event("start", stage.name, "; ".join(reasons)))
+    try:
+        return runner.execute(stage, fp, ctx, committed), key, False
+    except ReidbuildError:
+        raise
+    except MemoryError:
+        raise StageFailed(f"stage {stage.name}: out of memory") from None
+
+
+def _record_refusal(lock: lockfile.Lock, lock_path: Path, stage: Stage, fp: str, inputs: dict[str, Any],
+                    reason: str) -> None:
+    """Lock entry of a stage whose format cannot express the model: status ``refused`` and the reason."""
+    lock.stages[stage.name] = lockfile.StageRecord(
+        fingerprint=fp, status="refused", params=lockfile.plain(stage.params), inputs=inputs,
+        record={"reason": reason}, tools=tool_versions(stage.tools))
+    lockfile.write(lock_path, lock)
+
+
+def release_memory() -> None:
+    """Hand memory freed by a finished stage back to the system (glibc keeps freed arenas otherwise), so a
+    later stage's peak does not stack on an earlier one's; a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any], output_dir: Path, base: Path,
         emit: Callable[[Event], None], locked: bool = False, skip_unavailable: bool = False,
-        force: bool = False) -> RunOutcome:
+        force: bool = False, store: Optional[ResultStore] = None, runner: Optional[StageRunner] = None,
+        ) -> RunOutcome:
     """Run every stale stage in order, committing each stage's artifacts and then the lock.
 
     Each artifact is written atomically and the lock is rewritten after every stage, so a crash leaves
     complete files and a lock that describes only what was committed. With ``locked`` nothing in the lock
     is rewritten: any artifact whose bytes differ from the lock is reported as drift (CheckFailed).
+    With a ``store``, a stale stage whose action the shared cache holds is restored instead of run, and
+    each stage that ran is pushed after its commit; ``runner`` decides where stages run (default: here).
     """
+    runner = runner or LocalRunner()
     ensure_dir(output_dir)
     clean_temp_files(output_dir)
     clean_temp_files(lock_path.parent)
@@ -271,24 +366,28 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
     new = lockfile.Lock(manifest=manifest_entry,
                         stages={} if old is None else {k: v for k, v in old.stages.items()
                                                        if k in {s.name for s in stages}})
-    hashes = HashCache()
+    # apply trusts the stat cache for unchanged files; --locked is a tamper check and re-hashes everything
+    hashes = open_cache(output_dir, trust=not locked)
     planner = Planner(stages, old, output_dir, base, hashes)
     cache: dict[str, Any] = {}
     outcome = RunOutcome([], [], [], [], [], new, {})
     outputs: dict[str, dict[str, dict[str, Any]]] = {}
     skipped_names: set[str] = set()
     unavailable: Optional[Unavailable] = None
+    refused: dict[str, NotExpressible] = {}  # stages whose format cannot express the model (raised at the end)
     if locked and old is None:
         raise CheckFailed(f"{lock_path}: --locked given but there is no lock file; run apply without --locked first")
     try:
         for stage in stages:
             if any(d in skipped_names for d in stage.deps):
+                why = ("upstream stage was refused" if any(d in refused for d in stage.deps)
+                       else "upstream stage was skipped")
                 skipped_names.add(stage.name)
                 outcome.skipped.append(stage.name)
-                emit(Event("skip", stage.name, "upstream stage was skipped"))
+                emit(Event("skip", stage.name, why))
                 new.stages[stage.name] = lockfile.StageRecord(fingerprint="", status="skipped",
-                                                              params=lockfile._plain(stage.params),
-                                                              record={"reason": "upstream stage was skipped"})
+                                                              params=lockfile.plain(stage.params),
+                                                              record={"reason": why})
                 continue
             inputs = planner.inputs_of(stage)
             deps = planner.dep_hashes(stage, outputs) or {}
@@ -300,7 +399,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 outcome.cached.append(stage.name)
                 emit(Event("cached", stage.name, "up to date"))
                 continue
-            why_not = stage.available() if stage.available else None
+            why_not = runner.unavailable(stage)
             tampered = [r for r in reasons if r.startswith("artifact ") and r.endswith(" was modified")]
             if locked and tampered:
                 outcome.drift.extend(f"{stage.name}: {r}" for r in tampered)
@@ -319,22 +418,27 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                     emit(Event("skip", stage.name, why_not))
                     if not locked:
                         new.stages[stage.name] = lockfile.StageRecord(
-                            fingerprint=fp, status="skipped", params=lockfile._plain(stage.params),
+                            fingerprint=fp, status="skipped", params=lockfile.plain(stage.params),
                             inputs=inputs, record={"reason": why_not}, tools=tool_versions(stage.tools))
                         lockfile.write(lock_path, new)
                     continue
                 unavailable = Unavailable(f"stage {stage.name}: {why_not} (use --skip-unavailable to record it "
                                           "as skipped)")
                 break
-            emit(Event("start", stage.name, "; ".join(reasons)))
             t0 = time.perf_counter()
             ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs)
+            committed = {f: e for d in stage.deps for f, e in outputs.get(d, {}).items()}
             try:
-                result = stage.run(ctx)
-            except ReidbuildError:
-                raise
-            except MemoryError:
-                raise StageFailed(f"stage {stage.name}: out of memory") from None
+                result, key, restored = _restore_or_run(stage, fp, reasons, ctx, committed, store, runner, emit,
+                                                        may_restore=not force)
+            except NotExpressible as exc:
+                # the target format cannot express this model: other targets of the manifest still build
+                refused[stage.name] = exc
+                skipped_names.add(stage.name)
+                emit(Event("fail", stage.name, exc.message, time.perf_counter() - t0))
+                if not locked:
+                    _record_refusal(new, lock_path, stage, fp, inputs, exc.message)
+                continue
             missing = set(stage.outputs) - set(result.outputs)
             extra = set(result.outputs) - set(stage.outputs)
             if missing or extra:
@@ -343,11 +447,10 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             outcome.timings[stage.name] = seconds
             out_entries: dict[str, dict[str, Any]] = {}
             for fname in stage.outputs:
-                data = result.outputs[fname]
                 # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
                 out_entries[fname] = {"path": _rel(output_dir.resolve() / fname, base, follow=False),
-                                      "sha256": sha256_bytes(data),
-                                      "size": len(data)}
+                                      "sha256": result.sha256.get(fname) or sha256_bytes(result.outputs[fname]),
+                                      "size": len(result.outputs[fname])}
                 if not stage.reproducible:
                     out_entries[fname]["reproducible"] = False
             if locked:
@@ -358,28 +461,44 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                     raise CheckFailed(f"{lock_path}: --locked: rebuilt artifacts differ from the lock: "
                                       + ", ".join(diffs) + f" (stage {stage.name}; not written)")
             for fname in stage.outputs:
-                atomic_write(output_dir, fname, result.outputs[fname])
+                written = atomic_write(output_dir, fname, result.outputs[fname])
+                if isinstance(hashes, StatCache):
+                    hashes.record(written, out_entries[fname]["sha256"])
             status = "failed" if result.failed else "ok"
             outputs[stage.name] = out_entries
             if not locked:
                 new.stages[stage.name] = lockfile.StageRecord(
-                    fingerprint=fp, status=status, params=lockfile._plain(stage.params), inputs=inputs,
+                    fingerprint=fp, status=status, params=lockfile.plain(stage.params), inputs=inputs,
                     outputs=out_entries, record=result.record, tools=tool_versions(stage.tools))
-                lockfile.write(lock_path, new)
+                if not restored:  # a restore is cheap to redo: its entry waits for the next write of the lock
+                    lockfile.write(lock_path, new)
+            if store is not None and key is not None and not locked and not restored:
+                store.push(stage, key, result, emit)
+            failed_msg = result.failed
+            del result  # the artifacts are on disk: do not hold their bytes while the next stage runs
+            release_memory()
+            if restored:
+                outcome.restored.append(stage.name)
+                emit(Event("restored", stage.name, "restored from cache", seconds))
+                continue
             outcome.ran.append(stage.name)
-            if result.failed:
-                outcome.failed.append(f"{stage.name}: {result.failed}")
-                emit(Event("fail", stage.name, result.failed, seconds))
+            if failed_msg:
+                outcome.failed.append(f"{stage.name}: {failed_msg}")
+                emit(Event("fail", stage.name, failed_msg, seconds))
             else:
                 emit(Event("done", stage.name, "", seconds))
     finally:
         tmp = cache.get("_tmp")
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(hashes, StatCache):
+            hashes.save()
     if not locked:
         lockfile.write(lock_path, new)
     if unavailable is not None:
         raise unavailable
+    if refused:
+        raise next(iter(refused.values()))
     if locked and old is not None:
         gone = sorted(set(old.stages) - {s.name for s in stages})
         if gone:

@@ -45,6 +45,7 @@ class _Builder:
         self.count = 0
         self.positions: dict[PathKey, Loc] = {}
         self.depth = 0
+        self.constructor = yaml.SafeLoader("")  # one constructor for every scalar (making one is not free)
 
     def _fail(self, node: yaml.Node, what: str) -> InputError:
         m = node.start_mark
@@ -82,7 +83,7 @@ class _Builder:
         if not isinstance(node, yaml.ScalarNode):
             return self.build(node, ())
         try:
-            return yaml.SafeLoader("").construct_object(node, deep=True)
+            return self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             raise self._fail(node, f"cannot read value: {str(exc).splitlines()[0]}") from None
 
@@ -107,12 +108,17 @@ def read_text(path: Path, what: str = "file") -> str:
         raise InputError(f"{path}:{line}: {what} is not valid UTF-8 (byte offset {exc.start})") from None
 
 
-def load(path: Path, what: str = "file") -> Document:
-    """Parse one YAML document safely; errors name ``file:line:column``."""
+def load(path: Path, what: str = "file", fast: bool = False) -> Document:
+    """Parse one YAML document safely; errors name ``file:line:column``.
+
+    ``fast`` parses with libyaml when PyYAML has it (the lock: machine-written and read on every apply, where
+    the pure-Python parser costs tens of ms); hand-written files keep the pure-Python parser's messages.
+    """
     text = read_text(path, what)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader) if fast else yaml.SafeLoader
     try:
-        _check_depth(text, path)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_depth(text, path, loader)
+        node = yaml.compose(text, Loader=loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         loc = f"{mark.line + 1}:{mark.column + 1}" if mark else "1:1"
@@ -140,11 +146,11 @@ def load_mapping(path: Path, what: str, error: type[InputError], keys: str) -> D
     return doc
 
 
-def _check_depth(text: str, path: Path) -> None:
+def _check_depth(text: str, path: Path, loader: type = yaml.SafeLoader) -> None:
     """Refuse deep nesting and huge documents from the (iterative, streaming) event parser, before the
     recursive, slower composer sees them."""
     depth = values = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for event in yaml.parse(text, Loader=loader):
         if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:

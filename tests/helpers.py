@@ -44,7 +44,7 @@ def tiny_manifest(root: Path, *, extra: str = "", backends: str = "[onnxruntime]
         imgs.mkdir()
         for i, src in enumerate(sorted((REPO / "test_data").glob("*.png"))[:5]):
             shutil.copy(src, imgs / f"im{i}.png")
-    return write(root / "m.yml", f"""\
+    return write(root / "m.yml", textwrap.dedent(f"""\
         version: 1
         name: {name}
         source:
@@ -58,7 +58,7 @@ def tiny_manifest(root: Path, *, extra: str = "", backends: str = "[onnxruntime]
         parity:
           images: {images}
           backends: {backends}
-        """ + textwrap.dedent(extra))
+        """) + textwrap.dedent(extra))
 
 
 def tiny_model(root: Path, seed: int):

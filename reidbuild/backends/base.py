@@ -5,9 +5,10 @@ Backends know nothing about manifests: they get artifact paths and float32 NCHW 
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
 
 @runtime_checkable
@@ -27,6 +28,8 @@ class Runner(Protocol):
 
 def run_batched(runner: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Feed ``images`` through ``runner`` in chunks of at most ``batch_size``; concatenate the features."""
+    import numpy as np
+
     outs = [np.asarray(runner.infer(images[i : i + batch_size]), dtype=np.float32)
             for i in range(0, len(images), batch_size)]
     return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), np.float32)

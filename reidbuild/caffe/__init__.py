@@ -1,3 +1,7 @@
 """Caffe support: reidbuild's own Caffe protobuf schema (``schema``, one variant per dialect) and the
 ONNX -> Caffe converter (``convert``). Neither needs a Caffe installation; running the result does
 (``reidbuild.backends.caffe``: pycaffe or OpenCV's Caffe importer)."""
+
+# part of the caffe.convert fingerprint; lives here so planning need not import the converter (and protobuf)
+CONVERTER_VERSION = "reidbuild-onnx2caffe/1"
+

@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import Any
 
 _WHERE = {
-    "Baseline": "baseline", "build_model": "baseline", "supported": "baseline",
+    "Baseline": "baseline", "build_model": "registry", "supported": "baseline",
     "init_random": "checkpoint", "is_training_only": "checkpoint", "load_weights": "checkpoint",
     "make_checkpoint": "checkpoint",
     "check_supported": "config", "defaults": "config", "load_config": "config",

@@ -1,4 +1,4 @@
-"""fast-reid's ``Baseline`` meta-architecture for inference, and ``build_model``.
+"""fast-reid's ``Baseline`` meta-architecture for inference.
 
 The model owns the input normalisation (``pixel_mean``/``pixel_std`` buffers shaped
 [1, 3, 1, 1], as fast-reid registers them) so that the exported graph takes raw RGB
@@ -8,21 +8,21 @@ config, not from the checkpoint.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import check_supported
+from . import head
 from .config import supported as _supported
 from .head import EmbeddingHead
-from .resnet import ResNet
 
 
 class Baseline(nn.Module):
     """Backbone + EmbeddingHead; float32 [N, 3, H, W] RGB in 0..255 -> float32 [N, D] features."""
 
-    def __init__(self, backbone: ResNet, heads: EmbeddingHead, pixel_mean: list[float],
+    def __init__(self, backbone: nn.Module, heads: EmbeddingHead, pixel_mean: list[float],
                  pixel_std: list[float], num_classes: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
@@ -42,29 +42,18 @@ class Baseline(nn.Module):
         return self.heads(self.backbone(x))
 
 
-def build_model(cfg: dict[str, Any]) -> Baseline:
-    """Build the eval-mode model a config describes, on the CPU, with untrained weights.
-
-    Weights come afterwards from :func:`reidbuild.fastreid.checkpoint.load_weights` (or
-    :func:`~reidbuild.fastreid.checkpoint.init_random`); MODEL.BACKBONE.PRETRAIN is never
-    honoured because ImageNet weights would be overwritten anyway and must not be fetched.
-    """
-    check_supported(cfg)
+def build(cfg: dict[str, Any], build_backbone: Callable[[dict[str, Any]], nn.Module]) -> Baseline:
+    """Backbone + one EmbeddingHead, as fast-reid's Baseline.from_config assembles them."""
     model_cfg = cfg["MODEL"]
-    bb = model_cfg["BACKBONE"]
-    hd = model_cfg["HEADS"]
-    backbone = ResNet(
-        depth=bb["DEPTH"], last_stride=bb["LAST_STRIDE"], norm=bb["NORM"],
-        with_ibn=bb["WITH_IBN"], with_se=bb["WITH_SE"], with_nl=bb["WITH_NL"],
-    )
-    heads = EmbeddingHead(
-        feat_dim=bb["FEAT_DIM"], embedding_dim=hd["EMBEDDING_DIM"], pool_layer=hd["POOL_LAYER"],
-        with_bnneck=hd["WITH_BNNECK"], norm=hd["NORM"],
-    )
-    model = Baseline(backbone, heads, model_cfg["PIXEL_MEAN"], model_cfg["PIXEL_STD"], hd["NUM_CLASSES"])
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return Baseline(build_backbone(cfg), head.build(cfg), model_cfg["PIXEL_MEAN"], model_cfg["PIXEL_STD"],
+                    model_cfg["HEADS"]["NUM_CLASSES"])
+
+
+def build_model(cfg: dict[str, Any]) -> nn.Module:
+    """Any supported architecture (kept here for callers of ``reidbuild.fastreid.baseline.build_model``)."""
+    from .registry import build_model as build_any
+
+    return build_any(cfg)
 
 
 def supported() -> dict[str, list[str]]:

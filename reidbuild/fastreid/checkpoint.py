@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -22,13 +23,12 @@ from torch import nn
 from ..errors import CheckpointError
 from .layers import GeneralizedMeanPoolingP
 
-# Keys a fast-reid checkpoint may carry that inference never uses.
-#  heads.weight          classifier matrix of every CLS_LAYER (Linear, ArcSoftmax, CircleSoftmax, CosSoftmax) since v1.1
-#  heads.classifier.*    the classifier module of v0.3-v1.0 (weight, and ArcSoftmax's buffer ``t``)
-#  heads.cls_layer.*     the v1.1+ margin layer (no tensors today; skipped should one appear)
+# Keys a fast-reid checkpoint may carry that inference never uses (HEAD: ``heads``, or MGN's ``b1_head``..``b33_head``).
+#  HEAD.weight          classifier matrix of every CLS_LAYER (Linear, ArcSoftmax, CircleSoftmax, CosSoftmax) since v1.1
+#  HEAD.classifier.*    the classifier module of v0.3-v1.0 (weight, and ArcSoftmax's buffer ``t``)
+#  HEAD.cls_layer.*     the v1.1+ margin layer (no tensors today; skipped should one appear)
 #  *num_batches_tracked  BatchNorm step counters
-_TRAINING_ONLY_EXACT = frozenset({"heads.weight"})
-_TRAINING_ONLY_PREFIXES = ("heads.classifier.", "heads.cls_layer.")
+_TRAINING_ONLY = re.compile(r"(heads|b[1-3]{1,2}_head)\.(weight|classifier\..+|cls_layer\..+)")
 _COUNTER_SUFFIX = "num_batches_tracked"
 # Persistent buffers in fast-reid <= v1.0, config-derived since; checked, not loaded.
 _PIXEL_BUFFERS = ("pixel_mean", "pixel_std")
@@ -40,11 +40,7 @@ _DAMPED_BN = (0.05, 0.2)  # weight range of the norm ending a residual branch (l
 
 def is_training_only(key: str) -> bool:
     """True for checkpoint keys that only training uses (skipped when loading)."""
-    return (
-        key in _TRAINING_ONLY_EXACT
-        or key.startswith(_TRAINING_ONLY_PREFIXES)
-        or key.rsplit(".", 1)[-1] == _COUNTER_SUFFIX
-    )
+    return _TRAINING_ONLY.fullmatch(key) is not None or key.rsplit(".", 1)[-1] == _COUNTER_SUFFIX
 
 
 # --------------------------------------------------------------------------- loading
@@ -256,7 +252,7 @@ def _random_value(module: nn.Module, name: str, tensor: torch.Tensor, gen: torch
                   damped: bool, gain: float) -> torch.Tensor:
     if not tensor.is_floating_point():
         return torch.zeros_like(tensor)  # BN step counters: irrelevant at inference
-    if isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d)):
+    if isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.LayerNorm)):
         if name == "weight":
             return _uniform(tensor, *_DAMPED_BN, gen) if damped else _uniform(tensor, 0.6, 1.2, gen)
         if name == "bias":
@@ -280,13 +276,14 @@ def _special_modules(model: nn.Module) -> tuple[set[str], set[str]]:
     and Non-local's g/theta/phi, whose product is cubic in the input scale and so needs small weights.
     """
     from .layers import NonLocal
+    from .resnest import Bottleneck as SplitBottleneck
     from .resnet import BasicBlock, Bottleneck
 
     ends: set[str] = set()
     projections: set[str] = set()
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
-        if isinstance(module, Bottleneck):
+        if isinstance(module, (Bottleneck, SplitBottleneck)):
             ends.add(f"{dot}bn3")
         elif isinstance(module, BasicBlock):
             ends.add(f"{dot}bn2")
@@ -305,8 +302,8 @@ def make_checkpoint(model: nn.Module, path: Path, *, with_training_extras: bool 
 
     With ``with_training_extras`` the file is what fast-reid v1.x training leaves behind
     (``model_final.pth``): ``{"model", "optimizer", "lr_sched", "warmup_sched", "epoch",
-    "metric"}``, and the model dict also holds the classifier ``heads.weight``
-    [num_classes, D] next to the inference weights.  Without it: ``{"model": state_dict}``.
+    "metric"}``, and the model dict also holds each head's classifier (``heads.weight``, MGN's
+    ``b1_head.weight`` ..) [num_classes, D] next to the inference weights.  Without it: ``{"model": state_dict}``.
     """
     path = Path(path)
     state: OrderedDict[str, torch.Tensor] = OrderedDict(
@@ -315,23 +312,27 @@ def make_checkpoint(model: nn.Module, path: Path, *, with_training_extras: bool 
     data: dict[str, Any]
     if with_training_extras:
         classes = num_classes if num_classes is not None else (getattr(model, "num_classes", 0) or 751)
-        feature_dim = int(getattr(model, "feature_dim"))
-        gen = torch.Generator().manual_seed(_derived_seed(seed, "heads.weight"))
-        classifier = torch.empty(classes, feature_dim).normal_(0.0, 0.01, generator=gen)
-        state = _insert_before_prefix(state, "heads.", "heads.weight", classifier)
-        param_keys = [k for k, v in model.named_parameters()]
+        from .head import EmbeddingHead
+
+        # one classifier per head (Baseline: ``heads``; MGN: ``b1_head`` .. ``b33_head``), before its children
+        heads = [(name, mod.out_dim) for name, mod in model.named_modules() if isinstance(mod, EmbeddingHead)]
+        for name, width in heads:
+            gen = torch.Generator().manual_seed(_derived_seed(seed, f"{name}.weight"))
+            classifier = torch.empty(classes, width).normal_(0.0, 0.01, generator=gen)
+            state = _insert_before_prefix(state, f"{name}.", f"{name}.weight", classifier)
+        groups = len(list(model.named_parameters())) + len(heads)
         data = {
             "model": state,
-            "optimizer": _adam_state(model, len(param_keys) + 1),
+            "optimizer": _adam_state(model, groups),
             "lr_sched": {
-                "T_max": 110, "eta_min": 7.7e-7, "base_lrs": [3.5e-4] * (len(param_keys) + 1),
+                "T_max": 110, "eta_min": 7.7e-7, "base_lrs": [3.5e-4] * groups,
                 "last_epoch": 110, "_step_count": 111, "_get_lr_called_within_step": False,
-                "_last_lr": [7.7e-7] * (len(param_keys) + 1),
+                "_last_lr": [7.7e-7] * groups,
             },
             "warmup_sched": {
                 "warmup_factor": 0.1, "warmup_iters": 2000, "warmup_method": "linear",
-                "base_lrs": [3.5e-4] * (len(param_keys) + 1), "last_epoch": 2000, "_step_count": 2001,
-                "_get_lr_called_within_step": False, "_last_lr": [3.5e-4] * (len(param_keys) + 1),
+                "base_lrs": [3.5e-4] * groups, "last_epoch": 2000, "_step_count": 2001,
+                "_get_lr_called_within_step": False, "_last_lr": [3.5e-4] * groups,
             },
             "epoch": 119,
             "metric": 0.8765,

@@ -21,15 +21,25 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .catalog import BN_NORMS, DEPTHS, LEGACY_POOL_NAMES, POOL_NAMES
+from .catalog import (
+    BACKBONES,
+    BN_NORMS,
+    DEPTHS,
+    LEGACY_POOL_NAMES,
+    META_ARCHITECTURES,
+    MGN_PARTS,
+    POOL_NAMES,
+    UNSUPPORTED_BACKBONES,
+)
 
 BASE_KEY = "_BASE_"
 
-SUPPORTED_META_ARCHITECTURES: tuple[str, ...] = ("Baseline",)
-SUPPORTED_BACKBONES: tuple[str, ...] = ("build_resnet_backbone",)
+SUPPORTED_META_ARCHITECTURES: tuple[str, ...] = tuple(META_ARCHITECTURES)
+SUPPORTED_BACKBONES: tuple[str, ...] = tuple(BACKBONES)
 SUPPORTED_HEADS: tuple[str, ...] = ("EmbeddingHead",)
 NECK_FEATS: tuple[str, ...] = ("before", "after")
 LAST_STRIDES: tuple[int, ...] = (1, 2)
+PATCH = 16  # fast-reid's ViT patch size
 
 # fast-reid's defaults (fastreid/config/defaults.py, v1.x) for the MODEL section and the
 # input sizes.  Values are typed exactly as fast-reid types them, because yacs checks
@@ -103,7 +113,7 @@ _MAX_NODES = 100_000  # values per file; YAML aliases can otherwise expand expon
 
 def defaults() -> dict[str, Any]:
     """A fresh copy of the defaults reidbuild fills in (fast-reid's values, tuples as lists)."""
-    return _plain(copy.deepcopy(_DEFAULTS))
+    return plain(copy.deepcopy(_DEFAULTS))
 
 
 def supported() -> dict[str, list[str]]:
@@ -111,7 +121,7 @@ def supported() -> dict[str, list[str]]:
     return {
         "MODEL.META_ARCHITECTURE": list(SUPPORTED_META_ARCHITECTURES),
         "MODEL.BACKBONE.NAME": list(SUPPORTED_BACKBONES),
-        "MODEL.BACKBONE.DEPTH": list(DEPTHS),
+        "MODEL.BACKBONE.DEPTH": list(dict.fromkeys(d for spec in BACKBONES.values() for d in spec.feat_dims)),
         "MODEL.BACKBONE.NORM": list(BN_NORMS),
         "MODEL.BACKBONE.LAST_STRIDE": [str(s) for s in LAST_STRIDES],
         "MODEL.HEADS.NAME": list(SUPPORTED_HEADS),
@@ -137,74 +147,33 @@ def load_config(path: Path, opts: dict[str, Any] | None = None) -> dict[str, Any
     _merge(tree, cfg, (), origins, str(path))
     for dotted, value in (opts or {}).items():
         _apply_opt(cfg, dotted, value, path)
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     check_supported(cfg, where=str(path))
     return cfg
 
 
 def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
     """Raise :class:`ConfigError` unless ``cfg`` describes a model reidbuild can build exactly."""
+    c = _Checker(where)
     model = _section(cfg, ("MODEL",), where)
-    backbone = _section(cfg, ("MODEL", "BACKBONE"), where)
     heads = _section(cfg, ("MODEL", "HEADS"), where)
+    _check_architecture(cfg, c)
 
-    def need(section: dict[str, Any], prefix: str, key: str) -> Any:
-        if key not in section:
-            raise ConfigError(f"{where}: {prefix}.{key} is missing")
-        return section[key]
-
-    def one_of(value: Any, key: str, allowed: tuple[Any, ...] | list[Any]) -> None:
-        if value not in allowed:
-            shown = ", ".join(str(a) for a in allowed)
-            raise ConfigError(f"{where}: {key}={value!r} is not supported; supported: {shown}")
-
-    def flag(section: dict[str, Any], prefix: str, key: str) -> bool:
-        value = need(section, prefix, key)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {prefix}.{key} must be true or false, got {value!r}")
-        return value
-
-    def count(section: dict[str, Any], prefix: str, key: str, minimum: int, maximum: int = 1 << 20) -> int:
-        value = need(section, prefix, key)
-        if type(value) is not int or not minimum <= value <= maximum:
-            raise ConfigError(f"{where}: {prefix}.{key} must be an integer in [{minimum}, {maximum}], got {value!r}")
-        return value
-
-    one_of(need(model, "MODEL", "META_ARCHITECTURE"), "MODEL.META_ARCHITECTURE", SUPPORTED_META_ARCHITECTURES)
-    one_of(need(backbone, "MODEL.BACKBONE", "NAME"), "MODEL.BACKBONE.NAME", SUPPORTED_BACKBONES)
-    one_of(need(heads, "MODEL.HEADS", "NAME"), "MODEL.HEADS.NAME", SUPPORTED_HEADS)
-    depth = need(backbone, "MODEL.BACKBONE", "DEPTH")
-    one_of(depth, "MODEL.BACKBONE.DEPTH", list(DEPTHS))
-    stride = need(backbone, "MODEL.BACKBONE", "LAST_STRIDE")
-    if type(stride) is not int:
-        raise ConfigError(f"{where}: MODEL.BACKBONE.LAST_STRIDE must be 1 or 2, got {stride!r}")
-    one_of(stride, "MODEL.BACKBONE.LAST_STRIDE", LAST_STRIDES)
-    one_of(need(backbone, "MODEL.BACKBONE", "NORM"), "MODEL.BACKBONE.NORM", BN_NORMS)
-    for key in ("WITH_IBN", "WITH_SE", "WITH_NL"):
-        flag(backbone, "MODEL.BACKBONE", key)
-    feat_dim = count(backbone, "MODEL.BACKBONE", "FEAT_DIM", 1)
-    expected = DEPTHS[depth].feat_dim
-    if feat_dim != expected:
-        raise ConfigError(
-            f"{where}: MODEL.BACKBONE.FEAT_DIM={feat_dim} does not match the {depth} ResNet's "
-            f"output width {expected}; fast-reid would build a head that cannot take it"
-        )
-
-    pool = need(heads, "MODEL.HEADS", "POOL_LAYER")
+    pool = c.need(heads, "MODEL.HEADS", "POOL_LAYER")
     if pool in ("Flatten", "flatten"):
         raise ConfigError(
             f"{where}: MODEL.HEADS.POOL_LAYER={pool!r} is not supported (its feature size depends on the "
             f"input size); supported: {', '.join(supported()['MODEL.HEADS.POOL_LAYER'])}"
         )
-    one_of(pool, "MODEL.HEADS.POOL_LAYER", supported()["MODEL.HEADS.POOL_LAYER"])
-    count(heads, "MODEL.HEADS", "EMBEDDING_DIM", 0, 65536)
-    count(heads, "MODEL.HEADS", "NUM_CLASSES", 0)
-    if flag(heads, "MODEL.HEADS", "WITH_BNNECK"):
-        one_of(need(heads, "MODEL.HEADS", "NORM"), "MODEL.HEADS.NORM", BN_NORMS)
-    one_of(need(heads, "MODEL.HEADS", "NECK_FEAT"), "MODEL.HEADS.NECK_FEAT", NECK_FEATS)
+    c.one_of(pool, "MODEL.HEADS.POOL_LAYER", supported()["MODEL.HEADS.POOL_LAYER"])
+    c.count(heads, "MODEL.HEADS", "EMBEDDING_DIM", 0, 65536)
+    c.count(heads, "MODEL.HEADS", "NUM_CLASSES", 0)
+    if c.flag(heads, "MODEL.HEADS", "WITH_BNNECK"):
+        c.one_of(c.need(heads, "MODEL.HEADS", "NORM"), "MODEL.HEADS.NORM", BN_NORMS)
+    c.one_of(c.need(heads, "MODEL.HEADS", "NECK_FEAT"), "MODEL.HEADS.NECK_FEAT", NECK_FEATS)
 
     for key, positive in (("PIXEL_MEAN", False), ("PIXEL_STD", True)):
-        value = need(model, "MODEL", key)
+        value = c.need(model, "MODEL", key)
         ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
             for v in value
@@ -213,10 +182,122 @@ def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
             what = "3 positive finite numbers" if positive else "3 finite numbers"
             raise ConfigError(f"{where}: MODEL.{key} must be a list of {what} (R, G, B), got {value!r}")
 
-    size = need(_section(cfg, ("INPUT",), where), "INPUT", "SIZE_TEST")
+    size = c.need(_section(cfg, ("INPUT",), where), "INPUT", "SIZE_TEST")
     if not (isinstance(size, (list, tuple)) and len(size) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         raise ConfigError(f"{where}: INPUT.SIZE_TEST must be [height, width] in positive integers, got {size!r}")
+
+
+class _Checker:
+    """One-line ConfigErrors for a config file: a key missing, a value not allowed, of the wrong type."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def need(self, section: dict[str, Any], prefix: str, key: str) -> Any:
+        if key not in section:
+            raise ConfigError(f"{self.where}: {prefix}.{key} is missing")
+        return section[key]
+
+    def one_of(self, value: Any, key: str, allowed: tuple[Any, ...] | list[Any]) -> None:
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed)
+            raise ConfigError(f"{self.where}: {key}={value!r} is not supported; supported: {shown}")
+
+    def flag(self, section: dict[str, Any], prefix: str, key: str) -> bool:
+        value = self.need(section, prefix, key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.where}: {prefix}.{key} must be true or false, got {value!r}")
+        return value
+
+    def count(self, section: dict[str, Any], prefix: str, key: str, minimum: int, maximum: int = 1 << 20) -> int:
+        value = self.need(section, prefix, key)
+        if type(value) is not int or not minimum <= value <= maximum:
+            raise ConfigError(f"{self.where}: {prefix}.{key} must be an integer in [{minimum}, {maximum}], got {value!r}")
+        return value
+
+
+def _check_architecture(cfg: dict[str, Any], c: _Checker) -> None:
+    """The meta-architecture and backbone must be registered (catalog) and their settings fit each other."""
+    where = c.where
+    model = _section(cfg, ("MODEL",), where)
+    backbone = _section(cfg, ("MODEL", "BACKBONE"), where)
+    meta = c.need(model, "MODEL", "META_ARCHITECTURE")
+    c.one_of(meta, "MODEL.META_ARCHITECTURE", SUPPORTED_META_ARCHITECTURES)
+    name = c.need(backbone, "MODEL.BACKBONE", "NAME")
+    if name in UNSUPPORTED_BACKBONES:
+        raise ConfigError(f"{where}: MODEL.BACKBONE.NAME={name!r} is a fast-reid backbone reidbuild does not build; "
+                          f"supported: {', '.join(SUPPORTED_BACKBONES)}")
+    c.one_of(name, "MODEL.BACKBONE.NAME", SUPPORTED_BACKBONES)
+    c.one_of(c.need(_section(cfg, ("MODEL", "HEADS"), where), "MODEL.HEADS", "NAME"), "MODEL.HEADS.NAME",
+             SUPPORTED_HEADS)
+    spec = BACKBONES[name]
+    depth = c.need(backbone, "MODEL.BACKBONE", "DEPTH")
+    c.one_of(depth, "MODEL.BACKBONE.DEPTH", list(spec.feat_dims))
+    stride = c.need(backbone, "MODEL.BACKBONE", "LAST_STRIDE")
+    if type(stride) is not int:
+        raise ConfigError(f"{where}: MODEL.BACKBONE.LAST_STRIDE must be 1 or 2, got {stride!r}")
+    c.one_of(stride, "MODEL.BACKBONE.LAST_STRIDE", LAST_STRIDES)
+    c.one_of(c.need(backbone, "MODEL.BACKBONE", "NORM"), "MODEL.BACKBONE.NORM", BN_NORMS)
+    for key in ("WITH_IBN", "WITH_SE", "WITH_NL"):
+        c.flag(backbone, "MODEL.BACKBONE", key)
+    feat_dim = c.count(backbone, "MODEL.BACKBONE", "FEAT_DIM", 1)
+    expected = spec.feat_dims[depth]
+    if feat_dim != expected:
+        raise ConfigError(
+            f"{where}: MODEL.BACKBONE.FEAT_DIM={feat_dim} does not match the {depth} {name}'s "
+            f"output width {expected}; fast-reid would build a head that cannot take it"
+        )
+    if meta == "MGN" and not (name == "build_resnet_backbone" and DEPTHS[depth].bottleneck):
+        raise ConfigError(f"{where}: MODEL.META_ARCHITECTURE=MGN needs build_resnet_backbone with a bottleneck depth "
+                          f"(50x, 101x), as fast-reid's MGN copies ResNet bottleneck blocks; got {name} {depth}")
+    if name == "build_vit_backbone":
+        _check_vit(cfg, where)
+
+
+def _check_vit(cfg: dict[str, Any], where: str) -> None:
+    """fast-reid sizes the ViT's patch grid and position embedding from INPUT.SIZE_TRAIN and STRIDE_SIZE."""
+    stride = cfg["MODEL"]["BACKBONE"].get("STRIDE_SIZE")
+    if not (isinstance(stride, (list, tuple)) and len(stride) == 2
+            and all(type(v) is int and 0 < v <= PATCH for v in stride)):
+        raise ConfigError(f"{where}: MODEL.BACKBONE.STRIDE_SIZE must be [y, x] integers in [1, {PATCH}], got {stride!r}")
+    size = _section(cfg, ("INPUT",), where).get("SIZE_TRAIN")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(type(v) is int and v >= PATCH for v in size)):
+        raise ConfigError(f"{where}: INPUT.SIZE_TRAIN must be [height, width] integers >= {PATCH} for the ViT "
+                          f"(its patch grid is sized from it), got {size!r}")
+
+
+def check_input_size(cfg: dict[str, Any], height: int, width: int, where: str) -> None:
+    """Refuse an input size the model's fixed structure cannot take, before anything is built.
+
+    ViT: fast-reid builds the patch grid and position embedding for INPUT.SIZE_TRAIN and refuses any other
+    input size at inference, so the deployed input must be that size. MGN: fast-reid cuts the part branches'
+    feature map into 2 and 3 stripes with ``torch.chunk``, which yields fewer stripes on maps under 5 rows
+    with some heights (e.g. 4 rows -> 2 + 2), so fast-reid's own forward fails there.
+    """
+    model = cfg["MODEL"]
+    if model["BACKBONE"]["NAME"] == "build_vit_backbone":
+        train = list(cfg["INPUT"]["SIZE_TRAIN"])
+        if [height, width] != train:
+            raise ConfigError(f"{where}: input {height}x{width} differs from INPUT.SIZE_TRAIN {train[0]}x{train[1]}, "
+                              "the only size fast-reid's ViT (patch grid, position embedding) accepts")
+    if model["META_ARCHITECTURE"] == "MGN":
+        rows = _resnet_rows(height)
+        for parts in MGN_PARTS:
+            step = -(-rows // parts)
+            if -(-rows // step) != parts:
+                raise ConfigError(f"{where}: input height {height} gives MGN a {rows}-row feature map that fast-reid "
+                                  f"cannot cut into {parts} stripes (its own forward fails too); any height >= 67 works")
+
+
+def _resnet_rows(height: int) -> int:
+    """Rows of the map MGN's part branches cut: fast-reid's ResNet stem (7x7/2 conv, ceil 3x3/2 pool), then two stride-2 stages."""
+    rows = (height + 2 * 3 - 7) // 2 + 1
+    rows = -(-(rows - 3) // 2) + 1
+    for _ in range(2):
+        rows = (rows + 2 - 3) // 2 + 1
+    return rows
 
 
 # --------------------------------------------------------------------------- reading
@@ -423,12 +504,12 @@ def _coerce(value: Any, default: Any, dotted: str, where: str) -> Any:
 # --------------------------------------------------------------------------- helpers
 
 
-def _plain(node: Any) -> Any:
+def plain(node: Any) -> Any:
     """Tuples to lists, recursively, so the config round-trips through JSON unchanged."""
     if isinstance(node, dict):
-        return {k: _plain(v) for k, v in node.items()}
+        return {k: plain(v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return [_plain(v) for v in node]
+        return [plain(v) for v in node]
     return node
 
 

@@ -7,6 +7,8 @@ and deliberately absent, so a checkpoint's classifier keys are skipped by name.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -31,3 +33,10 @@ class EmbeddingHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         neck = self.bottleneck(self.pool_layer(features))
         return neck[:, :, 0, 0]
+
+
+def build(cfg: dict[str, Any]) -> EmbeddingHead:
+    """One EmbeddingHead as MODEL.HEADS describes it, fed by MODEL.BACKBONE.FEAT_DIM channels."""
+    hd = cfg["MODEL"]["HEADS"]
+    return EmbeddingHead(feat_dim=cfg["MODEL"]["BACKBONE"]["FEAT_DIM"], embedding_dim=hd["EMBEDDING_DIM"],
+                         pool_layer=hd["POOL_LAYER"], with_bnneck=hd["WITH_BNNECK"], norm=hd["NORM"])

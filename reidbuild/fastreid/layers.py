@@ -39,8 +39,8 @@ class IBN(nn.Module):
         self.BN = make_norm(norm, planes - self.half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.IN(x[:, : self.half])
-        second = self.BN(x[:, self.half :])
+        first = self.IN(x[:, : self.half].contiguous())  # contiguous like fast-reid: same float rounding
+        second = self.BN(x[:, self.half :].contiguous())
         return torch.cat((first, second), dim=1)
 
 

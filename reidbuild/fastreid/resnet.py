@@ -8,12 +8,13 @@ Non-local blocks after the last blocks of a stage.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .catalog import DEPTHS
 from .layers import IBN, NonLocal, SELayer, make_norm
-
 
 # fast-reid sizes the Non-local blocks for bottleneck widths regardless of block type.
 _NL_CHANNELS = (256, 512, 1024, 2048)
@@ -119,3 +120,10 @@ class ResNet(nn.Module):
                 if index in after:
                     x = getattr(self, f"NL_{stage + 1}")[after[index]](x)
         return x
+
+
+def build(cfg: dict[str, Any]) -> ResNet:
+    """The backbone a validated config's MODEL.BACKBONE describes."""
+    bb = cfg["MODEL"]["BACKBONE"]
+    return ResNet(depth=bb["DEPTH"], last_stride=bb["LAST_STRIDE"], norm=bb["NORM"],
+                  with_ibn=bb["WITH_IBN"], with_se=bb["WITH_SE"], with_nl=bb["WITH_NL"])

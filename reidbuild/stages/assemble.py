@@ -101,7 +101,6 @@ def assemble(lm: LoadedManifest) -> Assembly:
                                            output_transforms=onnx_transforms)
 
     if m.targets.caffe is not None:
-        from ..backends import caffe as caffe_backend
         from .caffe import caffe_stage
 
         ct = m.targets.caffe
@@ -121,10 +120,16 @@ def assemble(lm: LoadedManifest) -> Assembly:
             caffe_transforms = output_transforms(caffe_patches)
 
         def caffe_runner(resolve: Callable[[str], Path], p=proto_ref, c=model_ref) -> Runner:
+            from ..backends import caffe as caffe_backend  # numpy and friends: only when a stage runs
+
             return caffe_backend.CaffeRunner(resolve(p.file), resolve(c.file), runtime="auto")
 
-        backends["caffe"] = BackendBuild([proto_ref, model_ref], caffe_runner,
-                                         available=lambda: caffe_backend.available("auto"),
+        def caffe_available() -> Optional[str]:
+            from ..backends import caffe as caffe_backend
+
+            return caffe_backend.available("auto")
+
+        backends["caffe"] = BackendBuild([proto_ref, model_ref], caffe_runner, available=caffe_available,
                                          output_transforms=caffe_transforms)
 
     parity = m.parity

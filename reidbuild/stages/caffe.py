@@ -5,7 +5,7 @@ stage's business, through ``reidbuild.backends.caffe``.
 """
 from __future__ import annotations
 
-from ..caffe.convert import CONVERTER_VERSION, convert_detailed
+from ..caffe import CONVERTER_VERSION
 from ..errors import StageFailed
 from ..manifest import CaffeTarget
 from ..pipeline import Stage, StageContext, StageResult
@@ -22,9 +22,11 @@ def caffe_stage(target: CaffeTarget, input_hw: tuple[int, int], source: Artifact
     def run(ctx: StageContext) -> StageResult:
         import onnx
 
+        from ..caffe.convert import convert_detailed
+
         path = ctx.artifact(source.file)
         try:
-            model = onnx.load_from_string(path.read_bytes())
+            model = onnx.load(str(path))  # parsed from the file: no bytes copy held next to the model
         except FileNotFoundError:
             raise StageFailed(f"{source.file}: the ONNX artifact is missing (stage {source.stage})") from None
         except Exception as exc:

@@ -38,15 +38,27 @@ def model_from(ctx: StageContext, lm: LoadedManifest, cfg: dict[str, Any]) -> An
     return ctx.cached("torch_model", lambda: build_torch_model(lm, cfg))
 
 
+def release_model(ctx: StageContext) -> None:
+    """Drop the run's PyTorch model (a few hundred MB for an R50) once no later stage needs it.
+
+    Parity stages run last and share one reference pass, so after that pass only a stage asking again (none
+    does today) would rebuild it.
+    """
+    if ctx.cache.pop("torch_model", None) is not None:
+        import gc
+
+        gc.collect()
+
+
 def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
     """Validates the config now (plan time) so config errors surface before any work."""
-    import numpy as np
-
     from .. import modelsource
+    from ..fastreid.config import check_input_size
 
     cfg = model_config(lm)
     model_params = modelsource.params(lm, cfg)
     src = lm.model.source
+    check_input_size(cfg, lm.model.input.height, lm.model.input.width, str(lm.resolve(src.config)))
     inputs: dict[str, Path] = {"config": lm.resolve(src.config)}
     if isinstance(src.weights, RandomSource):
         weights_param: Any = {"random": {"seed": src.weights.random.seed}}
@@ -57,6 +69,7 @@ def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
     h, w = lm.model.input.height, lm.model.input.width
 
     def run(ctx: StageContext) -> StageResult:
+        import numpy as np
         import torch
 
         model = model_from(ctx, lm, cfg)

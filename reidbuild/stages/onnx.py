@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
 from ..errors import StageFailed
+from ..fsutil import sha256_bytes
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
@@ -34,19 +36,25 @@ def export_onnx(model: Any, height: int, width: int, opset: int, dynamic_batch: 
                               dynamic_axes=dynamic, do_constant_folding=True)
         except Exception as exc:
             raise StageFailed(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
-    return buf.getvalue()
+    data = buf.getvalue()
+    buf.close()  # one copy of the model's bytes, not two
+    return data
 
 
-def check_model(data: bytes, height: int, width: int, what: str) -> tuple[Any, np.ndarray]:
-    """onnx checker + one onnxruntime run on a fixed pseudo-random image; returns (model, features)."""
+def check_model(data: bytes, height: int, width: int, what: str) -> np.ndarray:
+    """onnx checker + one onnxruntime run on a fixed pseudo-random image; returns the features.
+
+    The checker gets the bytes themselves: given a parsed model it would serialise it again (about 0.1 s and
+    one more copy for an R50).
+    """
+    import numpy as np
     import onnx
     import onnxruntime as ort
 
     from ..backends.onnxruntime import session_options
 
     try:
-        model = onnx.load_from_string(data)
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(data, full_check=True)
     except Exception as exc:
         raise StageFailed(f"{what}: the ONNX checker rejects the model: {str(exc).splitlines()[0]}") from None
     x = np.random.default_rng(0).uniform(0, 255, (2, 3, height, width)).astype(np.float32)
@@ -60,7 +68,22 @@ def check_model(data: bytes, height: int, width: int, what: str) -> tuple[Any, n
         raise StageFailed(f"{what}: onnxruntime cannot run the model: {str(exc).splitlines()[0]}") from None
     if not np.all(np.isfinite(out)):
         raise StageFailed(f"{what}: onnxruntime gives non-finite outputs")
-    return model, out
+    return out
+
+
+def _checked_key(name: str) -> str:
+    """Per-run memo key for an ONNX artifact's check features: the simplify stage reuses the export check."""
+    return f"onnx_check_features:{name}"
+
+
+def graph_changes(before: Any, after: Any) -> dict[str, Any]:
+    """What onnx-simplifier did, as counts: nodes per op type that changed, initializers, and totals."""
+    from collections import Counter
+
+    ops_b, ops_a = Counter(n.op_type for n in before.graph.node), Counter(n.op_type for n in after.graph.node)
+    changed = {op: ops_a[op] - ops_b[op] for op in sorted(set(ops_b) | set(ops_a)) if ops_a[op] != ops_b[op]}
+    return {"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node), "op_count_changes": changed,
+            "initializers_before": len(before.graph.initializer), "initializers_after": len(after.graph.initializer)}
 
 
 def export_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, out_file: str) -> tuple[Stage, ArtifactRef]:
@@ -69,7 +92,7 @@ def export_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, out
 
     def run(ctx: StageContext) -> StageResult:
         data = export_onnx(model_from(ctx, lm, cfg), h, w, t.opset, t.dynamic_batch)
-        check_model(data, h, w, out_file)
+        ctx.cache[_checked_key(out_file)] = check_model(data, h, w, out_file)
         import torch
 
         return StageResult({out_file: data}, {"exporter": EXPORTER, "torch": torch.__version__, "opset": t.opset})
@@ -85,25 +108,35 @@ def simplify_stage(lm: LoadedManifest, source: ArtifactRef, out_file: str) -> tu
     h, w = lm.model.input.height, lm.model.input.width
 
     def run(ctx: StageContext) -> StageResult:
+        import numpy as np
         import onnx
         import onnxsim
 
         raw = ctx.artifact(source.file).read_bytes()
-        model, before = check_model(raw, h, w, source.file)
+        # the export stage checked these very bytes earlier in this run: reuse its features
+        before = ctx.cache.pop(_checked_key(source.file), None)
+        if before is None:
+            before = check_model(raw, h, w, source.file)
+        model = onnx.load_from_string(raw)
+        raw_sha = sha256_bytes(raw)
+        del raw  # parsed: the bytes are not needed while the simplifier holds its own copies
         try:
             simplified, ok = onnxsim.simplify(model)
         except Exception as exc:
             raise StageFailed(f"onnx-simplifier failed on {source.file}: {str(exc).splitlines()[0]}") from None
         if not ok:
             raise StageFailed(f"onnx-simplifier could not validate its result for {source.file}")
+        changes = graph_changes(model, simplified)
         data = simplified.SerializeToString(deterministic=True)
-        _, after = check_model(data, h, w, out_file)
+        del model, simplified
+        if sha256_bytes(data) == raw_sha:  # nothing simplified: these are the checked export's bytes
+            changes["unchanged"] = True
+            return StageResult({out_file: data}, {**changes, "check_max_abs_diff": 0.0, "onnx": onnx.__version__})
+        after = check_model(data, h, w, out_file)
         err = float(np.max(np.abs(after - before)))
         if not np.allclose(after, before, rtol=1e-4, atol=1e-5):
             raise StageFailed(f"simplified model differs from the exported one (max abs diff {err:.3g})")
-        return StageResult({out_file: data}, {"nodes_before": len(model.graph.node),
-                                              "nodes_after": len(simplified.graph.node),
-                                              "check_max_abs_diff": float(f"{err:.3g}"),
+        return StageResult({out_file: data}, {**changes, "check_max_abs_diff": float(f"{err:.3g}"),
                                               "onnx": onnx.__version__})
 
     stage = Stage("onnx.simplify", run, params={"input": [h, w]}, deps=(source.stage,), outputs=(out_file,),

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
 from ..backends.base import Runner, run_batched
 from ..compare import TOLERANCE_KEYS, compare
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
-from .load import model_from
+from .load import model_from, release_model
 
 
 @dataclass
@@ -48,6 +49,8 @@ def fp32_profile(lm: LoadedManifest) -> dict[str, Any]:
 
 def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
     """Apply to the reference what graph patches declared they do to the output (e.g. l2_normalize)."""
+    import numpy as np
+
     from ..patches import apply_output_transform
 
     for t in transforms:
@@ -73,6 +76,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
                                                                 inp.interpolation))
         raw_ref = ctx.cached("parity_reference", lambda: run_batched(TorchRunner(model_from(ctx, lm, cfg)),
                                                                      batch, parity.batch_size))
+        release_model(ctx)  # every parity check shares the one reference pass above
         reference = apply_transforms(raw_ref, check.output_transforms)
         runner = check.make_runner(ctx)
         actual = run_batched(runner, batch, parity.batch_size)

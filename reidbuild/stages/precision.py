@@ -8,9 +8,10 @@ removing one re-runs the calibration; the record keeps the method, the images' d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
+    import numpy as np
 
 from ..errors import ImageError, StageFailed
 from ..manifest import Input, TensorRTTarget
@@ -22,6 +23,7 @@ TOOLS = ("onnx", "onnxruntime", "onnxconverter-common")
 
 def _smoke_test(data: bytes, inp: Input, what: str, adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
     """The artifact loads in onnxruntime and gives finite features on two pseudo-random images."""
+    import numpy as np
     import onnxruntime as ort
 
     from ..backends.onnxruntime import adapt_input, session_options

@@ -38,8 +38,16 @@ def engine_stage(target: TensorRTTarget, source: ArtifactRef, name: str) -> Stag
                                                                     "max": target.batch_size},
                 "recipe": RECIPE, "source": source.file},
         deps=(source.stage,), outputs=(engine_file, cache_file), tools=("tensorrt",),
-        available=trt_build.available, reproducible=False,
+        available=trt_build.available, reproducible=False, environment=_engine_env,
+        placement={"gpu": target.gpu} if target.gpu else {},
         description=f"build the TensorRT {target.mode} engine (strongly typed)")
+
+
+def _engine_env() -> dict:
+    """What the engine bytes are tied to here (part of its shared-cache key)."""
+    from ..tensorrt.env import engine_env
+
+    return engine_env()
 
 
 __all__ = ["engine_stage", "ArtifactRef"]

@@ -394,8 +394,9 @@ def test_bad_opts_are_config_errors(chain: Path, opts: dict, needle: str) -> Non
 
 
 @pytest.mark.parametrize("key, value, listed", [
-    ("MODEL.META_ARCHITECTURE", "MGN", "Baseline"),
-    ("MODEL.BACKBONE.NAME", "build_resnest_backbone", "build_resnet_backbone"),
+    ("MODEL.META_ARCHITECTURE", "Distiller", "Baseline, MGN"),
+    ("MODEL.BACKBONE.NAME", "build_resnet_backbone_x", "build_resnet_backbone, build_resnest_backbone"),
+    ("MODEL.BACKBONE.NAME", "build_osnet_backbone", "build_vit_backbone"),
     ("MODEL.HEADS.NAME", "ClasHead", "EmbeddingHead"),
     ("MODEL.BACKBONE.DEPTH", "152x", "101x"),
     ("MODEL.BACKBONE.NORM", "GN", "GhostBN"),
@@ -412,11 +413,11 @@ def test_unsupported_choices_list_what_is_supported(minimal_yaml: Path, key: str
 
 
 def test_unsupported_architecture_in_file(tmp_path: Path) -> None:
-    path = write(tmp_path / "mgn.yml", "MODEL:\n  META_ARCHITECTURE: MGN\n")
+    path = write(tmp_path / "moco.yml", "MODEL:\n  META_ARCHITECTURE: MoCo\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = one_line_error(info)
-    assert "MGN" in message and "Baseline" in message and "mgn.yml" in message
+    assert "MoCo" in message and "Baseline, MGN" in message and "moco.yml" in message
 
 
 def test_feat_dim_must_match_the_backbone(minimal_yaml: Path) -> None:
@@ -484,9 +485,9 @@ def test_python_yaml_tags_are_never_executed(tmp_path: Path) -> None:
 
 def test_supported_describes_the_choices() -> None:
     info = supported()
-    assert info["MODEL.META_ARCHITECTURE"] == ["Baseline"]
-    assert info["MODEL.BACKBONE.NAME"] == ["build_resnet_backbone"]
-    assert info["MODEL.BACKBONE.DEPTH"] == ["18x", "34x", "50x", "101x"]
+    assert info["MODEL.META_ARCHITECTURE"] == ["Baseline", "MGN"]
+    assert info["MODEL.BACKBONE.NAME"] == ["build_resnet_backbone", "build_resnest_backbone", "build_vit_backbone"]
+    assert info["MODEL.BACKBONE.DEPTH"] == ["18x", "34x", "50x", "101x", "200x", "269x", "small", "base"]
     assert {"BN", "syncBN", "GhostBN"} == set(info["MODEL.BACKBONE.NORM"])
     assert {"GlobalAvgPool", "FastGlobalAvgPool", "GlobalMaxPool", "GeneralizedMeanPooling", "GeneralizedMeanPoolingP",
             "AdaptiveAvgMaxPool", "ClipGlobalAvgPool", "Identity", "avgpool", "gempoolP"} <= set(info["MODEL.HEADS.POOL_LAYER"])

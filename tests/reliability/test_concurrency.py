@@ -13,9 +13,9 @@ from tests.reliability._util import (ARTIFACTS, START_RE, Child, assert_one_line
 
 
 def _state(project) -> dict:
-    """Every file in the output folder and the lock (the run lock's pid file aside)."""
+    """Every file in the output folder and the lock (the run lock's pid file and the stat cache aside)."""
     def skip(p):
-        return p.name == ".reidbuild.pid" or not (p in (project.root / "m.lock", project.out) or project.out in p.parents)
+        return p.name in (".reidbuild.pid", ".reidbuild-hashes.json") or not (p in (project.root / "m.lock", project.out) or project.out in p.parents)
 
     return snapshot(project.root, skip=skip)
 

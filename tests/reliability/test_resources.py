@@ -47,7 +47,9 @@ def test_export_failure_leaves_no_temp_files(project, monkeypatch):
     code, out, err = cli("apply", m)
     assert code == 5 and "ONNX export failed" in err, err
     _no_temps(project)
-    assert {p.name for p in project.out.iterdir()} == set(project.artifacts) | {".reidbuild.pid"}
+    # the run lock and the stat cache (reidbuild.statcache) are the only files besides the artifacts
+    assert {p.name for p in project.out.iterdir()} == set(project.artifacts) | {".reidbuild.pid",
+                                                                                ".reidbuild-hashes.json"}
 
 
 @pytest.mark.parametrize("target", ["tiny.onnx", "m.lock"])
@@ -61,6 +63,8 @@ def test_failing_write_leaves_no_temp_file(project, monkeypatch, target):
         return real_fsync(fd)
 
     monkeypatch.setattr(fsutil.os, "fsync", fsync)
+    if target == "m.lock":  # an unchanged lock is not rewritten: change the manifest's text so this one must be
+        project.manifest.write_text(project.manifest.read_text() + "# edited\n")
     before = (project.out / "tiny.onnx").read_bytes(), (project.root / "m.lock").read_bytes()
     code, out, err = cli("apply", "--force", project.manifest)
     assert code != 0 and "No space left on device" in err, err

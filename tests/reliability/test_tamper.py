@@ -150,3 +150,44 @@ def test_tool_version_installed_here_differs(project, monkeypatch):
     assert code == 1 and "stage onnx.export: onnx is 9.9.9 here, the lock was built with" in out
     err = _locked_refuses(project.root, project.manifest, "stage onnx.export differs from the lock")
     assert "tool versions changed: onnx" in err
+
+
+def test_same_size_rewrite_with_restored_mtime_after_a_warm_stat_cache(project):
+    """apply keeps a stat cache; a rewrite that keeps the size and puts the mtime back must still be caught by
+    verify and apply --locked, which never read that cache."""
+    import os
+
+    code, out, err = cli("apply", project.manifest)  # warms the stat cache for the copied project
+    assert code == 0, err
+    assert (project.out / ".reidbuild-hashes.json").is_file()
+    art = project.out / "tiny.onnx"
+    st = art.stat()
+    _flip(art, st.st_size // 2)
+    os.utime(art, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert art.stat().st_size == st.st_size and art.stat().st_mtime_ns == st.st_mtime_ns
+    code, out, _ = cli("verify", project.manifest)
+    assert code == 1 and "artifact tiny.onnx differs from the lock" in out
+    _locked_refuses(project.root, project.manifest, "artifact tiny.onnx was modified")
+    count("tamper: same-size rewrites with a restored mtime caught by verify and --locked")
+
+
+def test_a_forged_stat_cache_fools_neither_verify_nor_locked(project):
+    """The stat cache is a speed-up for apply, not evidence: a cache entry forged to match a tampered file
+    (its stat fields, the lock's hash) changes nothing for verify and apply --locked."""
+    import json
+    import os
+
+    code, out, err = cli("apply", project.manifest)
+    assert code == 0, err
+    art = project.out / "tiny.onnx"
+    _flip(art, 100)
+    state = project.out / ".reidbuild-hashes.json"
+    doc = json.loads(state.read_text())
+    st = art.stat()
+    doc["entries"][str(art.absolute())] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                           st.st_mtime_ns + 10**10, 1, project.artifacts["tiny.onnx"]]
+    state.write_text(json.dumps(doc))
+    code, out, _ = cli("verify", project.manifest)
+    assert code == 1 and "artifact tiny.onnx differs from the lock" in out
+    _locked_refuses(project.root, project.manifest, "artifact tiny.onnx was modified")
+    os.unlink(state)
