@@ -84,9 +84,10 @@ def _calm_residual_branches(model: "torch.nn.Module", seed: int) -> None:  # noq
 def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: int = 16) -> None:  # noqa: F821
     """Replace every BatchNorm's running mean/var by the exact average over ``images`` (float32 NCHW 0..255).
 
-    ``momentum=None`` makes PyTorch keep a cumulative average, so the result does not depend on the batch order
-    beyond float rounding. Each layer is measured on inputs normalised by the layers before it, as in training;
-    the model is left in eval mode.
+    A momentum of 1/(k+1) for the k-th batch keeps the running values the cumulative average of the batches
+    (what ``momentum=None`` does, but fast-reid's GhostBatchNorm passes its momentum on and needs a number),
+    so the result does not depend on the batch order beyond float rounding. Each layer is measured on inputs
+    normalised by the layers before it, as in training; the model is left in eval mode.
     """
     import torch
 
@@ -94,15 +95,16 @@ def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: i
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None
     model.eval()  # only the BatchNorms measure: fast-reid's heads want labels in train mode
     for m in bns:
         m.train()
     with torch.no_grad():
-        for start in range(0, len(images), batch):
+        for k, start in enumerate(range(0, len(images), batch)):
             chunk = images[start:start + batch]
             if len(chunk) < 2:  # BatchNorm in train mode needs two samples
                 chunk = images[-2:]
+            for m in bns:
+                m.momentum = 1.0 / (k + 1)
             model(torch.from_numpy(np.array(chunk, dtype=np.float32)))  # a copy: fast-reid normalises in place
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
