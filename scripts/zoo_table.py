@@ -51,6 +51,10 @@ def _cell(res: dict[str, Any], backend: str) -> str:
     return f"✗ built, {why}{' (matches fast-reid)' if matches else ''}: {_figures(m)}"
 
 
+def _commits(results: Path) -> set[str]:
+    return {json.loads(f.read_text()).get("commit", "unknown") for f in results.rglob("*.json")}
+
+
 def rows(results: Path) -> tuple[list[str], dict[str, Any]]:
     out: list[str] = []
     counts: dict[str, Any] = {"configs": 0, "apply": 0, "onnx": 0, "caffe": 0, "built_in": 0, "keys": 0,
@@ -71,7 +75,8 @@ def rows(results: Path) -> tuple[list[str], dict[str, Any]]:
         counts["keys"] += keys == []
         for b in ("onnx", "caffe"):
             counts[b] += _cell(res, b).startswith("✓")
-        out.append(f"| {cid} | {res['architecture']} | {h}×{w} | {_cell(res, 'onnx')} | {_cell(res, 'caffe')} |")
+        at = f" (at {res.get('commit', 'unknown')})" if len(_commits(results)) > 1 else ""  # a mixed run says so
+        out.append(f"| {cid}{at} | {res['architecture']} | {h}×{w} | {_cell(res, 'onnx')} | {_cell(res, 'caffe')} |")
     return out, counts
 
 
