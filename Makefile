@@ -31,7 +31,7 @@ PYCAFFE_PREFIX ?= $(HOME)/.cache/reidbuild/pycaffe
 pycaffe: $(STAMP)
 	bash scripts/build_pycaffe.sh $(abspath $(BIN)/python) $(PYCAFFE_PREFIX)
 
-# every model config fast-reid ships through `reidbuild apply` (tests/zoo, about 10 minutes on 2 cores), then
+# every model config fast-reid ships through `reidbuild apply` (tests/zoo: 43 builds, many minutes on 2 cores), then
 # the results as the README's table; a failing config is a row of the table, so the table is written either way
 zoo-table: $(STAMP) pycaffe
 	rm -rf outputs/zoo
