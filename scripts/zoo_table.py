@@ -26,13 +26,13 @@ def _short_error(text: str) -> str:
     """The error line without 'error:' and the temporary folder it names."""
     text = re.sub(r"^error:\s*", "", text.strip())
     text = re.sub(r"\S*/(logs/\S+)", r"\1", text)
-    return text.replace("|", "\\|")[:160]
+    return text.replace("|", "\\|")[:240]
 
 
 def _figures(m: dict[str, float] | None) -> str:
     if m is None:
         return ""
-    return f"cos ≥ {m['min_cosine']:.9f}, max Δ {m['max_abs_normalised']:.1e}"
+    return f"min cos 1 − {max(1.0 - m['min_cosine'], 0.0):.0e}, max Δ {m['max_abs_normalised']:.1e}"
 
 
 def _cell(res: dict[str, Any], backend: str) -> str:
@@ -58,7 +58,7 @@ def _commits(results: Path) -> set[str]:
 def rows(results: Path) -> tuple[list[str], dict[str, Any]]:
     out: list[str] = []
     counts: dict[str, Any] = {"configs": 0, "apply": 0, "onnx": 0, "caffe": 0, "built_in": 0, "keys": 0,
-                              "commits": set()}
+                              "built": 0, "match": 0, "commits": set()}
     for path in corpus.config_files():
         cid = corpus.config_id(path)
         counts["configs"] += 1
@@ -75,6 +75,8 @@ def rows(results: Path) -> tuple[list[str], dict[str, Any]]:
         counts["keys"] += keys == []
         for b in ("onnx", "caffe"):
             counts[b] += _cell(res, b).startswith("✓")
+            counts["built"] += res.get(b) is not None
+            counts["match"] += res.get(b) is not None and corpus.passes(res[b])
         at = f" (at {res.get('commit', 'unknown')})" if len(_commits(results)) > 1 else ""  # a mixed run says so
         out.append(f"| {cid}{at} | {res['architecture']} | {h}×{w} | {_cell(res, 'onnx')} | {_cell(res, 'caffe')} |")
     return out, counts
@@ -95,7 +97,8 @@ def table(results: Path) -> str:
                f"{_version('onnxruntime')}, Caffe: pycaffe). {n['apply']} of {n['configs']} configs pass "
                f"`reidbuild apply` (ONNX + Caffe, parity on both); ONNX ✓ {n['onnx']}, Caffe ✓ {n['caffe']}. reidbuild "
                f"builds {n['built_in']} of them in; for {n['keys']} of those its state-dict keys and shapes equal "
-               "fast-reid's.")
+               f"fast-reid's. Of the {n['built']} ONNX models and Caffe nets built, {n['match']} match fast-reid's "
+               "eval output.")
     head = [
         summary,
         "",

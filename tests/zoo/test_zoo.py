@@ -18,7 +18,8 @@ from tests.zoo import corpus
 pytest.importorskip("fastreid", reason="fast-reid's package is the reference: `make test` installs fastreid==1.4.0")
 
 # configs whose Caffe target reidbuild refuses by design (not expressible in stock Caffe): id -> reason text
-CAFFE_REFUSED: dict[str, str] = {}
+# (ViT: its patch embedding transposes tokens, which stock Caffe has no layer for)
+CAFFE_REFUSED: dict[str, str] = {"Market1501/bagtricks_vit": "not expressible in Caffe"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,6 +71,7 @@ def test_shipped_config_converts_and_matches_fastreid(path: Path, tmp_path: Path
     assert res["key_differences"] == [], "state-dict keys/shapes differ from fast-reid's modules"
     if cid in CAFFE_REFUSED:
         assert res["exit"] == 5 and CAFFE_REFUSED[cid] in res["error"], res["error"]
+        assert res["stages"].get("parity.onnxruntime") == "ok", "the ONNX target still builds and passes parity"
     else:
         assert res["exit"] == 0, res["error"]
         assert corpus.passes(res["caffe"]), res["caffe"]
