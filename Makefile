@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.reidbuild-installed
 
-.PHONY: demo test pycaffe bench zoo-table clean-outputs
+.PHONY: demo test pycaffe browser report-screenshot bench zoo-table clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps fastreid==1.4.0
 	touch $(STAMP)
 
+# apply prints the HTML report's path last (outputs/demo/demo.report.html)
 demo: $(STAMP)
 	$(BIN)/reidbuild apply manifests/demo.yml
 
-# every test, Caffe parity on a real pycaffe included (built once, then cached)
-test: $(STAMP) pycaffe
+# a PNG of the demo's report, made in headless Chromium (not kept in git)
+report-screenshot: demo browser
+	$(BIN)/python scripts/report_screenshot.py outputs/demo/demo.report.html outputs/demo/demo.report.png
+
+# every test, Caffe parity on a real pycaffe included (built once, then cached), the report in a real Chromium
+test: $(STAMP) pycaffe browser
 	$(BIN)/python -m pytest -q
 
 # a real CPU pycaffe (about 5 CPU-minutes the first time; cached outside the checkout afterwards, so fresh
@@ -37,6 +42,12 @@ zoo-table: $(STAMP) pycaffe
 	rm -rf outputs/zoo
 	-REIDBUILD_ZOO_RESULTS=outputs/zoo $(BIN)/python -m pytest -q tests/zoo
 	$(BIN)/python scripts/zoo_table.py outputs/zoo README.md
+
+# Debian's chromium for the report's browser tests (headless; needs root or sudo the first time)
+browser:
+	command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py

@@ -1,6 +1,6 @@
 """The command line: the one place that prints and chooses exit codes.
 
-Exit codes: 0 ok; 1 parity, verify or --locked check failed; 2 invalid manifest, patch, config,
+Exit codes: 0 ok; 1 parity, verify (--rebuild) or --locked check failed; 2 invalid manifest, patch, config,
 checkpoint or image; 3 a backend or tool the manifest needs is unavailable here; 4 another run holds
 the output folder; 5 a stage's tool failed; 6 the file system refused a read or write (disk full,
 permission denied, read-only); 70 internal error (a bug: please report); 130 interrupted.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -68,6 +69,7 @@ def _emit_json(obj: Any) -> None:
 
 MANIFEST = click.argument("manifest", type=click.Path(dir_okay=False))
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress or stage lines on stderr (errors still show).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -147,24 +149,13 @@ def plan(manifest: str, as_json: bool, diff: bool) -> None:
 
 
 def print_event(label: str, ev: Any) -> None:
-    """One progress line on stderr for a pipeline event (module level: fleet worker processes pickle it)."""
-    where = f"[{label}] " if label else ""
-    if ev.kind == "start":
-        click.echo(f"==> {where}{ev.stage}: running ({ev.message})", err=True)
-    elif ev.kind == "done":
-        click.echo(f"    {where}{ev.stage}: done in {ev.seconds:.1f} s", err=True)
-    elif ev.kind == "cached":
-        click.echo(f"    {where}{ev.stage}: up to date", err=True)
-    elif ev.kind == "restored":
-        click.echo(f"    {where}{ev.stage}: restored from cache", err=True)
-    elif ev.kind == "skip":
-        click.echo(f"    {where}{ev.stage}: SKIPPED ({ev.message})", err=True)
-    elif ev.kind == "fail":
-        click.echo(f"    {where}{ev.stage}: FAILED in {ev.seconds:.1f} s", err=True)
-    elif ev.kind == "warn":
-        click.echo(f"warning: {where}{ev.message}", err=True)
-    elif ev.kind == "log":
-        click.echo(f"    {where}{ev.stage}: {ev.message}", err=True)
+    """One line on stderr for a pipeline event (module level: fleet worker processes pickle it). Progress
+    events are left out here: many manifests at once get stage lines, not interleaved bars."""
+    from .console import event_text
+
+    text = event_text(label, ev)
+    if text is not None:
+        click.echo(text, err=True)
 
 
 def _fleet_printer(label: str) -> Callable[[Any], None]:
@@ -190,9 +181,11 @@ def _fleet_printer(label: str) -> Callable[[Any], None]:
               help="Build this many manifests at once, in local processes.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Run every stage as a Ray task on the cluster at ADDRESS (default: auto); needs --cache.")
+@QUIET
 @_guard
 def apply(manifests: tuple[str, ...], as_json: bool, locked: bool, skip_unavailable: bool, force: bool, wait: bool,
-          cache_url: str | None, cache_required: bool, cache_push: bool, jobs: int, ray_address: str | None) -> None:
+          cache_url: str | None, cache_required: bool, cache_push: bool, jobs: int, ray_address: str | None,
+          quiet: bool) -> None:
     """Run every stale stage, write artifacts and the lock, and prove parity.
 
     Several manifests (files, folders, globs) build as a fleet: one's failure does not stop the others, and
@@ -210,13 +203,11 @@ def apply(manifests: tuple[str, ...], as_json: bool, locked: bool, skip_unavaila
     if len(manifests) > 1 or jobs > 1 or ray_address is not None or Path(one).is_dir() or any(c in one for c in "*?["):
         _apply_fleet(fleet.expand_manifests(list(manifests)), opts, as_json, jobs, ray_address)
         return
+    from .console import EventPrinter
+
     t0 = time.perf_counter()
-    log: list[dict[str, Any]] = []
-
-    def emit(ev: Any) -> None:
-        log.append({"kind": ev.kind, "stage": ev.stage, "message": ev.message, "seconds": round(ev.seconds, 3)})
-        print_event("", ev)
-
+    emit = EventPrinter(quiet, as_json)
+    log = emit.log
     res = fleet.apply_manifest(Path(manifests[0]), opts, emit, on_wait=lambda msg: click.echo(msg, err=True))
     total = time.perf_counter() - t0
     if as_json:
@@ -227,6 +218,9 @@ def apply(manifests: tuple[str, ...], as_json: bool, locked: bool, skip_unavaila
         restored = f"{len(res.restored)} restored from cache, " if res.restored else ""
         click.echo(f"ran {len(res.ran)} stage(s), {restored}{len(res.cached)} up to date, "
                    f"{len(res.skipped)} skipped in {total:.1f} s; lock: {res.lock}")
+    report = _report_path(Path(res.lock))
+    if report is not None and not as_json:
+        click.echo(f"report: {report}")
     if locked and res.skipped:
         click.echo("skipped stages (not checked): " + ", ".join(res.skipped), err=True)
     if res.drift:
@@ -257,15 +251,38 @@ def _apply_fleet(paths: list[Path], opts: Any, as_json: bool, jobs: int, ray_add
         sys.exit(code)
 
 
+def _report_path(lock_path: Path) -> Path | None:
+    """The HTML report this build wrote, if it has one (apply ends by naming it), relative to here if inside."""
+    from . import lockfile
+
+    lock = lockfile.read(lock_path)
+    rec = lock.stages.get("report") if lock is not None else None
+    if rec is None or rec.status != "ok":
+        return None
+    here = Path.cwd().resolve()
+    for entry in rec.outputs.values():
+        path = (lock_path.parent / entry["path"]).resolve()
+        if path.is_file():
+            return path.relative_to(here) if path.is_relative_to(here) else path
+    return None
+
+
 @main.command()
 @MANIFEST
 @JSON
+@click.option("--rebuild", is_flag=True,
+              help="Rebuild every stage in a scratch folder and classify each artifact: identical, equivalent "
+                   "or different.")
+@QUIET
 @_guard
-def verify(manifest: str, as_json: bool) -> None:
+def verify(manifest: str, as_json: bool, rebuild: bool, quiet: bool) -> None:
     """Re-hash artifacts and inputs against the lock (exit 1 on any difference)."""
     from .manifest import load_manifest
     from .verify import verify_lock
 
+    if rebuild:
+        _verify_rebuild(manifest, as_json, quiet)
+        return
     lm = load_manifest(Path(manifest))
     report = verify_lock(lm)
     if as_json:
@@ -280,6 +297,50 @@ def verify(manifest: str, as_json: bool) -> None:
         click.echo(f"verified {report.checked} files against {lm.lock_path.name}")
 
 
+def _verify_rebuild(manifest: str, as_json: bool, quiet: bool) -> None:
+    from .console import EventPrinter
+    from .rebuild import rebuild
+
+    lm, stages = _load(manifest)
+    report = rebuild(lm, stages, EventPrinter(quiet, as_json))
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        for line in report.lines():
+            click.echo(line)
+    first = report.first_different
+    if first is not None:
+        raise CheckFailed(f"verify --rebuild: stage {first.stage} is the first whose output differs: "
+                          f"{first.file}: {first.detail}")
+    if not as_json:
+        click.echo(f"verify --rebuild: {len(report.verdicts)} artifact(s) reproduced (identical or equivalent)")
+
+
+@main.command()
+@MANIFEST
+@click.option("--output", "out", type=click.Path(dir_okay=False),
+              help="Where to write the page [default: <name>.report.html in the current folder].")
+@_guard
+def report(manifest: str, out: str | None) -> None:
+    """Write the HTML parity report from the lock and the built artifacts (rebuilds nothing)."""
+    from . import lockfile
+    from .fsutil import atomic_write
+    from .report import collect, render
+
+    lm, stages = _load(manifest)
+    lock = lockfile.read(lm.lock_path)
+    if lock is None or not any(s.startswith("parity.") for s in lock.stages):
+        raise CheckFailed(f"{lm.lock_path}: no parity results in the lock; run `reidbuild apply {lm.path.name}` first")
+    target = Path(out) if out else Path.cwd() / f"{lm.model.name}.report.html"
+    if target.resolve().parent == lm.output_dir and target.name in {f for s in lock.stages.values() for f in s.outputs}:
+        raise InputError(f"{target}: is an artifact the lock records; choose another --output")
+    data = collect(lm, lock, lm.output_dir, [s.name for s in stages], skip=("report",))
+    with tempfile.TemporaryDirectory(prefix="reidbuild-report-") as scratch:
+        page = render(data, Path(scratch))
+    atomic_write(target.resolve().parent, target.name, page.encode())
+    click.echo(str(target))
+
+
 @main.command()
 @MANIFEST
 @click.option("--backend", required=True,
@@ -288,14 +349,19 @@ def verify(manifest: str, as_json: bool) -> None:
 @click.option("--output", "out", required=True, type=click.Path(file_okay=False), help="Folder for the .npy files.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))
 @JSON
+@QUIET
 @_guard
-def infer(manifest: str, backend: str, pattern: str, out: str, batch_size: int, as_json: bool) -> None:
+def infer(manifest: str, backend: str, pattern: str, out: str, batch_size: int, as_json: bool, quiet: bool) -> None:
     """Compute features with one backend's built artifacts; one .npy per image in OUTPUT."""
+    from .console import Progress
     from .infer import run_infer
     from .manifest import load_manifest
 
     lm = load_manifest(Path(manifest))
-    written = run_infer(lm, backend, pattern, Path(out), batch_size)
+    progress = Progress.for_stderr(quiet, as_json)
+    written = run_infer(lm, backend, pattern, Path(out), batch_size,
+                        progress=lambda d, t: progress.update("infer", f"{backend} images", d, t))
+    progress.finish()
     if as_json:
         _emit_json({"backend": backend, "written": [str(p) for p in written]})
     else:

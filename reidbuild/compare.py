@@ -152,3 +152,11 @@ def compare(reference: np.ndarray, actual: np.ndarray, tol: dict[str, Any]) -> C
 
 def as_dict(c: Comparison) -> dict[str, Any]:
     return asdict(c)
+
+
+def nearest_neighbours(feats: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` most cosine-similar other rows (indices, best first): the retrieval the parity
+    checks and the report's retrieval view share."""
+    import numpy as np
+
+    return _neighbours(np.asarray(feats, dtype=np.float64), min(k, max(len(feats) - 1, 0)))

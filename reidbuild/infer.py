@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import io
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -44,7 +45,9 @@ def make_runner(lm: LoadedManifest, backend: str) -> Runner:
     return build.factory(lambda f: lm.output_dir / f)
 
 
-def run_infer(lm: LoadedManifest, backend: str, pattern: str, out_dir: Path, batch_size: int) -> list[Path]:
+def run_infer(lm: LoadedManifest, backend: str, pattern: str, out_dir: Path, batch_size: int,
+              progress: Optional[Callable[[int, int], None]] = None) -> list[Path]:
+    """Features of every image matching ``pattern``; ``progress(done, total)`` after each batch."""
     from .images import load_images
 
     paths = sorted(Path(p).resolve() for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
@@ -66,4 +69,6 @@ def run_infer(lm: LoadedManifest, backend: str, pattern: str, out_dir: Path, bat
             buf = io.BytesIO()
             np.save(buf, f.astype(np.float32))
             written.append(atomic_write(out_dir, f"{p.stem}.npy", buf.getvalue()))
+        if progress is not None:
+            progress(len(written), len(paths))
     return written

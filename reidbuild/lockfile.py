@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -31,10 +31,14 @@ class StageRecord:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> {path, sha256, size, ...}
     record: dict[str, Any] = field(default_factory=dict)              # stage-specific facts (parity, exporter)
     tools: dict[str, str] = field(default_factory=dict)
+    seconds: Optional[float] = None  # how long the stage ran when it was built (the report's timeline)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "status": self.status, "params": self.params,
-                "inputs": self.inputs, "outputs": self.outputs, "record": self.record, "tools": self.tools}
+        out = {"fingerprint": self.fingerprint, "status": self.status, "params": self.params,
+               "inputs": self.inputs, "outputs": self.outputs, "record": self.record, "tools": self.tools}
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
 
 
 @dataclass
@@ -77,10 +81,18 @@ def read(path: Path) -> Lock | None:
                 fingerprint=str(rec["fingerprint"]), status=str(rec["status"]),
                 params=dict(rec.get("params") or {}), inputs=dict(rec.get("inputs") or {}),
                 outputs=dict(rec.get("outputs") or {}), record=dict(rec.get("record") or {}),
-                tools=dict(rec.get("tools") or {}))
+                tools=dict(rec.get("tools") or {}), seconds=_seconds(rec.get("seconds")))
         return Lock(manifest=dict(data.get("manifest") or {}), stages=stages)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: lock file is corrupt ({exc}); delete it to rebuild from scratch") from None
+
+
+def _seconds(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"seconds must be a non-negative number, got {value!r}")
+    return float(value)
 
 
 def _check_record(name: str, rec: Any) -> None:

@@ -31,6 +31,9 @@ class StageResult:
     record: dict[str, Any] = field(default_factory=dict)
     failed: Optional[str] = None  # a check stage sets this: recorded as failed, apply exits 1
     sha256: dict[str, str] = field(default_factory=dict)  # outputs' hashes already checked (restored from cache)
+    # how long the stage ran where it was built: a restore keeps the builder's figure, so a restored lock (and
+    # the report that shows the timeline) is byte-identical to the builder's
+    seconds: Optional[float] = None
 
 
 @dataclass
@@ -51,6 +54,14 @@ class Stage:
     available: Optional[Callable[[], Optional[str]]] = None  # returns why it cannot run here, or None
     reproducible: bool = True  # False: bytes differ run to run (TensorRT engines); --locked checks env instead
     description: str = ""
+    # a stage that reports on whatever upstream stages produced (the HTML report): a skipped dependency is
+    # left out of its fingerprint instead of skipping it too
+    partial_deps: bool = False
+    # a non-reproducible stage's own test for ``verify --rebuild``: given the locked and the rebuilt output
+    # folders, why their outputs are not equivalent, or None when they are
+    equivalent: Optional[Callable[[Path, Path], Optional[str]]] = None
+    # reads this run's lock records (``ctx.lock``, the report): runs in this process, never on a remote worker
+    reads_lock: bool = False
     # for `plan --diff`: given the output folder, per change (what, readable before/after diff)
     diff: Optional[Callable[[Path], list[tuple[Path, str]]]] = None
     # non-reproducible stages: what the bytes are tied to here (GPU, TensorRT...); part of the shared-cache key
@@ -63,11 +74,17 @@ class StageContext:
     """What a running stage may touch: upstream artifacts, a per-run cache, and a progress logger."""
 
     def __init__(self, output_dir: Path, cache: dict[str, Any], log: Callable[[str], None],
-                 inputs: Optional[dict[str, dict[str, Any]]] = None) -> None:
+                 inputs: Optional[dict[str, dict[str, Any]]] = None,
+                 progress: Optional[Callable[[str, int, int], None]] = None,
+                 lock: Optional[lockfile.Lock] = None, up_to_date: tuple[str, ...] = ()) -> None:
         self.output_dir = output_dir
         self.cache = cache
         self.log = log
         self.inputs = inputs or {}  # role -> {path, sha256, size}, already hashed by the planner
+        # progress(what, done, total) on long loops; the CLI decides how (bar, line or nothing)
+        self.progress = progress or (lambda what, done, total: None)
+        self.lock = lock or lockfile.Lock()  # the records committed so far in this run (upstream stages)
+        self.up_to_date = up_to_date  # stages found up to date in this run
 
     def artifact(self, name: str) -> Path:
         """Path of an already committed artifact (an upstream stage's output)."""
@@ -169,6 +186,8 @@ class Planner:
         deps: dict[str, str] = {}
         for d in stage.deps:
             if d not in outputs:
+                if stage.partial_deps:
+                    continue
                 return None
             for fname, entry in sorted(outputs[d].items()):
                 deps[f"{d}/{fname}"] = entry["sha256"]
@@ -249,10 +268,12 @@ class Planner:
 class Event:
     """Progress reported to the CLI (which alone decides how to print it)."""
 
-    kind: str  # start | done | skip | cached | log | fail
+    kind: str  # start | done | skip | cached | log | fail | progress
     stage: str
     message: str = ""
     seconds: float = 0.0
+    done: int = 0  # progress: items done of total
+    total: int = 0
 
 
 @dataclass
@@ -379,7 +400,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
         raise CheckFailed(f"{lock_path}: --locked given but there is no lock file; run apply without --locked first")
     try:
         for stage in stages:
-            if any(d in skipped_names for d in stage.deps):
+            # --locked writes nothing: a partial report would only differ from the lock's, so skip it too
+            if any(d in skipped_names for d in stage.deps) and (locked or not stage.partial_deps):
                 why = ("upstream stage was refused" if any(d in refused for d in stage.deps)
                        else "upstream stage was skipped")
                 skipped_names.add(stage.name)
@@ -426,7 +448,9 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                                           "as skipped)")
                 break
             t0 = time.perf_counter()
-            ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs)
+            ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs,
+                               progress=lambda what, d, t, _n=stage.name: emit(Event("progress", _n, what, 0.0, d, t)),
+                               lock=new, up_to_date=tuple(outcome.cached))
             committed = {f: e for d in stage.deps for f, e in outputs.get(d, {}).items()}
             try:
                 result, key, restored = _restore_or_run(stage, fp, reasons, ctx, committed, store, runner, emit,
@@ -445,6 +469,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 raise StageFailed(f"stage {stage.name} produced {sorted(result.outputs)}, declared {list(stage.outputs)}")
             seconds = time.perf_counter() - t0
             outcome.timings[stage.name] = seconds
+            if result.seconds is None:
+                result.seconds = round(seconds, 3)
             out_entries: dict[str, dict[str, Any]] = {}
             for fname in stage.outputs:
                 # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
@@ -469,7 +495,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             if not locked:
                 new.stages[stage.name] = lockfile.StageRecord(
                     fingerprint=fp, status=status, params=lockfile.plain(stage.params), inputs=inputs,
-                    outputs=out_entries, record=result.record, tools=tool_versions(stage.tools))
+                    outputs=out_entries, record=result.record, tools=tool_versions(stage.tools),
+                    seconds=result.seconds)
                 if not restored:  # a restore is cheap to redo: its entry waits for the next write of the lock
                     lockfile.write(lock_path, new)
             if store is not None and key is not None and not locked and not restored:

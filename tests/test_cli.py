@@ -48,7 +48,7 @@ def test_apply_builds_onnx_lock_and_passing_parity(built):
     assert dims == ["batch", 3, 64, 32]
     assert [d.dim_param or d.dim_value for d in outp.type.tensor_type.shape.dim] == ["batch", 512]
     lock = lockfile.read(root / "m.lock")
-    assert list(lock.stages) == ["load", "onnx.export", "onnx.simplify", "parity.onnxruntime"]
+    assert list(lock.stages) == ["load", "onnx.export", "onnx.simplify", "parity.onnxruntime", "report"]
     par = lock.stages["parity.onnxruntime"]
     assert par.status == "ok" and par.record["passed"] and par.record["images"] == 5
     assert par.record["max_abs"] < 1e-4 and par.record["min_cosine"] > 0.99999
@@ -114,9 +114,9 @@ def test_json_output(built):
     root, m = built
     code, out, _ = cli("apply", "--json", str(m))
     doc = json.loads(out)
-    assert code == 0 and doc["ran"] == [] and len(doc["cached"]) == 4
+    assert code == 0 and doc["ran"] == [] and len(doc["cached"]) == 5
     code, out, _ = cli("plan", "--json", str(m))
-    assert [s["stale"] for s in json.loads(out)["stages"]] == [False] * 4
+    assert [s["stale"] for s in json.loads(out)["stages"]] == [False] * 5
 
 
 def test_infer_writes_features_equal_to_torch(built, tmp_path):

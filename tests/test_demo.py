@@ -26,6 +26,7 @@ def test_demo_manifest_builds_and_passes_parity_on_caffe(tmp_path):
         rec = lock.stages[check]
         assert rec.status == "ok" and rec.record["passed"] and rec.record["images"] == 12, check
         assert rec.params["tolerance"]["rtol"] == 1e-3 and rec.params["tolerance"]["atol"] == 1e-6
+    _check_report_and_rebuild(tmp_path, m, r.stdout)
     from reidbuild.backends.caffe import available
 
     runtime = lock.stages["parity.caffe"].record["backend"]["runtime"]
@@ -51,3 +52,25 @@ def test_odd_input_size_and_batch_3_prototxt_pass_caffe_parity(tmp_path, dialect
 
     dims = [int(d) for d in re.findall(r"dim: (\d+)", (tmp_path / "out" / "tiny.prototxt").read_text())[:4]]
     assert dims == [3, 3, 67, 33]  # the input blob: N from targets.caffe.batch_size
+
+
+def _check_report_and_rebuild(root: Path, m: Path, apply_stdout: str) -> None:
+    """apply ends by naming the report; it loads in Chromium; `verify --rebuild` reproduces every artifact."""
+    import json
+    import re
+
+    from tests import browser
+
+    report = root / "outputs" / "demo" / "demo.report.html"
+    assert apply_stdout.rstrip().splitlines()[-1] == f"report: {report}"
+    if browser.chromium() is not None:  # the browser tests proper live in tests/report
+        page = browser.load(report, root / "demo.png")
+        assert page.errors == [] and re.search(r'id="verdict"[^>]*>PASS<', page.dom)
+        assert 'id="retrieval-caffe"' in page.dom and 'id="retrieval-onnxruntime"' in page.dom
+        assert page.dom.count('class="chart"') == 2 * 3 + 1  # cosine, max-abs, histogram per check; timeline
+    r = CliRunner().invoke(main, ["verify", "--rebuild", "--json", "--quiet", str(m)], catch_exceptions=False)
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["ok"], doc
+    verdicts = {a["file"]: a["verdict"] for a in doc["artifacts"]}
+    assert verdicts.pop("demo.report.html") == "equivalent"  # records run times; same results
+    assert set(verdicts.values()) == {"identical"} and len(verdicts) >= 7, verdicts

@@ -46,7 +46,7 @@ def test_example_builds_everything_this_machine_can_then_names_tensorrt(project)
         pytest.skip("TensorRT and a GPU are present: tests/gpu covers the engine")
     m = str(project / "manifests" / "market1501_bagtricks_R50.yml")
     code, out, err = cli("validate", m)
-    assert code == 0 and "valid (10 stages)" in out, err
+    assert code == 0 and "valid (11 stages)" in out, err  # the last is the report
     code, out, err = cli("apply", m)
     assert code == 3, err
     assert "error: stage tensorrt.engine: " in err and "(use --skip-unavailable" in err
@@ -63,6 +63,12 @@ def test_example_builds_everything_this_machine_can_then_names_tensorrt(project)
     lock = lockfile.read(project / "manifests" / "market1501_bagtricks_R50.lock")
     assert lock.stages["tensorrt.engine"].status == "skipped"
     assert lock.stages["parity.tensorrt"].status == "skipped"
+    # the report is written for the checks that ran and names the one that could not
+    assert lock.stages["report"].status == "ok"
+    page = (project / "outputs" / "baseline_R50" / "baseline_R50.report.html").read_text()
+    assert 'id="retrieval-caffe"' in page and 'id="retrieval-onnx_fp16"' in page
+    assert 'id="check-tensorrt"' in page and 'id="retrieval-tensorrt"' not in page
+    assert '<a href="#check-tensorrt">tensorrt</a></td><td class="skip">SKIPPED' in page
 
     code, out, err = cli("apply", "--locked", "--skip-unavailable", m)
     assert code == 0, err

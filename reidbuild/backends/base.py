@@ -5,7 +5,7 @@ Backends know nothing about manifests: they get artifact paths and float32 NCHW 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
     import numpy as np
@@ -26,10 +26,17 @@ class Runner(Protocol):
         ...
 
 
-def run_batched(runner: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Feed ``images`` through ``runner`` in chunks of at most ``batch_size``; concatenate the features."""
+def run_batched(runner: Runner, images: np.ndarray, batch_size: int,
+                progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """Feed ``images`` through ``runner`` in chunks of at most ``batch_size``; concatenate the features.
+
+    ``progress(done, total)`` is told after each chunk (images done of all), for long parity or infer runs.
+    """
     import numpy as np
 
-    outs = [np.asarray(runner.infer(images[i : i + batch_size]), dtype=np.float32)
-            for i in range(0, len(images), batch_size)]
+    outs = []
+    for i in range(0, len(images), batch_size):
+        outs.append(np.asarray(runner.infer(images[i : i + batch_size]), dtype=np.float32))
+        if progress is not None:
+            progress(min(i + batch_size, len(images)), len(images))
     return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), np.float32)

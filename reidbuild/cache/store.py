@@ -179,8 +179,10 @@ class Store:
         data = self.fetch_blobs({f: e["sha256"] for f, e in files.items()}, stage.name, emit)
         if data is None:
             return None
+        built = entry.get("seconds")
         return StageResult(outputs=data, record=dict(entry["record"]),
-                           sha256={f: e["sha256"] for f, e in files.items()})
+                           sha256={f: e["sha256"] for f, e in files.items()},
+                           seconds=float(built) if isinstance(built, (int, float)) and built >= 0 else None)
 
     def _problem(self, message: str, emit: Optional[Emit]) -> None:
         self.problems.append(message)
@@ -233,6 +235,7 @@ class Store:
         entry = {"version": ENTRY_VERSION, "stage": stage.name, "status": "ok",
                  "outputs": {f: {"sha256": d, "size": len(result.outputs[f])} for f, d in sorted(digests.items())},
                  "record": lockfile.plain(result.record),
+                 "seconds": result.seconds,
                  "pushed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         text = json.dumps(entry, sort_keys=True, indent=1).encode()
         self._call("writing an action entry", lambda: self._put(self.entry_path(key), text), emit)

@@ -191,6 +191,7 @@ def check_qdq_for_tensorrt(model: Any) -> None:
 
 def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", percentile: float = 99.999,
                   workdir: Path, log: Optional[Callable[[str], None]] = None,
+                  progress: Optional[Callable[[int, int], None]] = None,
                   quantize_bias: bool = False, cpu: bool = False, float_stem: bool = True,
                   adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> tuple[bytes, dict[str, Any]]:
     """float32 ONNX bytes + calibration images (float32 [N,3,H,W] RGB 0..255) -> (Q/DQ ONNX bytes, record).
@@ -282,7 +283,8 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
                     kept = chunk[: len(reader) * batch]
                     calib_hash.update(kept.tobytes())
                     used += len(kept)
-                say(f"calibrated on {min(start + step, len(images))}/{len(images)} images")
+                if progress is not None:  # calibration is the long part: images done of all
+                    progress(min(start + step, len(images)), len(images))
             tensors_range = calibrator.compute_data()
             del calibrator
             n_ranges = _snap_ranges(tensors_range)

@@ -192,4 +192,14 @@ def assemble(lm: LoadedManifest) -> Assembly:
         if "tensorrt" in wanted:
             stages.append(parity_stage(lm, cfg, load_ref, check("tensorrt", fp32_or_precision_profile("tensorrt")),
                                        images))
+        if images:
+            from ..rebuild import runner_equivalence
+
+            engine.equivalent = runner_equivalence(backends["tensorrt"].factory, images, m.input,
+                                                   fp32_or_precision_profile("tensorrt"))
+    checks = [s.name for s in stages if s.name.startswith("parity.")]
+    if checks and images:
+        from .report import report_stage
+
+        stages.append(report_stage(lm, checks, [s.name for s in stages] + ["report"], images))
     return Assembly(stages, backends)

@@ -91,8 +91,11 @@ def export_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, out
     h, w = lm.model.input.height, lm.model.input.width
 
     def run(ctx: StageContext) -> StageResult:
+        ctx.progress("export steps (trace, check)", 0, 2)
         data = export_onnx(model_from(ctx, lm, cfg), h, w, t.opset, t.dynamic_batch)
+        ctx.progress("export steps (trace, check)", 1, 2)
         ctx.cache[_checked_key(out_file)] = check_model(data, h, w, out_file)
+        ctx.progress("export steps (trace, check)", 2, 2)
         import torch
 
         return StageResult({out_file: data}, {"exporter": EXPORTER, "torch": torch.__version__, "opset": t.opset})

@@ -5,6 +5,7 @@ target re-runs only its own proof. A failing check is recorded as failed in the 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
     import numpy as np
 
+from .. import featurefile
 from ..backends.base import Runner, run_batched
 from ..compare import TOLERANCE_KEYS, compare
 from ..manifest import LoadedManifest
@@ -58,6 +60,19 @@ def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
     return np.asarray(features, dtype=np.float32)
 
 
+def _float_environment() -> dict[str, str]:
+    """What the feature file's last bits depend on beyond the fingerprint's tool versions (the shared cache
+    restores a check's result only onto the same kind of machine)."""
+    import platform
+
+    return {"machine": platform.machine(), "system": platform.system()}
+
+
+def features_file_name(model_name: str, check: str) -> str:
+    """``<name>.parity.<check>.npz``: the reference and backend features the check compared (for the report)."""
+    return f"{model_name}.parity.{check}.npz"
+
+
 def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, check: ParityCheck,
                  images: list[Path]) -> Stage:
     parity = lm.model.parity
@@ -67,6 +82,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
     preprocess = {"height": inp.height, "width": inp.width, "color": inp.color,
                   "interpolation": inp.interpolation, "layout": "NCHW float32 0..255"}
     names = [p.name for p in images]
+    features_file = features_file_name(lm.model.name, check.check)
 
     def run(ctx: StageContext) -> StageResult:
         from ..backends.torch import TorchRunner
@@ -74,12 +90,14 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
 
         batch = ctx.cached("parity_images", lambda: load_images(images, inp.height, inp.width, inp.color,
                                                                 inp.interpolation))
-        raw_ref = ctx.cached("parity_reference", lambda: run_batched(TorchRunner(model_from(ctx, lm, cfg)),
-                                                                     batch, parity.batch_size))
+        raw_ref = ctx.cached("parity_reference", lambda: run_batched(
+            TorchRunner(model_from(ctx, lm, cfg)), batch, parity.batch_size,
+            lambda d, t: ctx.progress("PyTorch reference images", d, t)))
         release_model(ctx)  # every parity check shares the one reference pass above
         reference = apply_transforms(raw_ref, check.output_transforms)
         runner = check.make_runner(ctx)
-        actual = run_batched(runner, batch, parity.batch_size)
+        actual = run_batched(runner, batch, parity.batch_size,
+                             lambda d, t: ctx.progress(f"{check.check} images", d, t))
         result = compare(reference, actual, tol)
         record = {"backend": runner.describe(), "reference": "torch", "transforms": check.output_transforms,
                   **result.summary(),
@@ -90,12 +108,34 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
             failed = f"parity {check.check}: " + "; ".join(result.failures) + "\n" + result.table(names)
         ctx.log(f"{runner.describe().get('runtime', runner.name)}: max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
                 + (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}" if result.rank1 is not None else ""))
-        return StageResult({}, record, failed)
+        # the verdict and tolerances travel with the features, so the report (which depends on this file)
+        # is rebuilt when either changes
+        verdict = json.dumps({"tolerance": tol, "passed": result.passed}, sort_keys=True)
+        import numpy as np
+
+        features = featurefile.dumps({"reference": reference, "actual": actual, "images": np.array(names),
+                                      "verdict": np.array(verdict)})
+        return StageResult({features_file: features}, record, failed)
+
+    def equivalent(locked: Path, rebuilt: Path) -> Optional[str]:
+        """Rebuilt features within the check's tolerances of the locked ones, with the same verdict."""
+        a, b = featurefile.load(locked / features_file), featurefile.load(rebuilt / features_file)
+        if str(a.get("verdict")) != str(b.get("verdict")):
+            return f"{features_file}: the check's verdict differs ({a.get('verdict')} vs {b.get('verdict')})"
+        for key in ("reference", "actual"):
+            result = compare(a[key], b[key], tol)
+            if not result.passed:
+                return f"{features_file}: {key} features moved: " + "; ".join(result.failures)
+        return None
 
     inputs = {f"image[{i:03d}]": p for i, p in enumerate(images)}
     deps = tuple(dict.fromkeys([load.stage] + [a.stage for a in check.artifacts]))
     return Stage(f"parity.{check.check}", run,
                  params={"tolerance": tol, "preprocess": preprocess, "transforms": check.output_transforms,
                          "batch_size": parity.batch_size, "reference": parity.reference},
-                 inputs=inputs, deps=deps, tools=("torch", "onnxruntime"), available=check.available,
+                 inputs=inputs, deps=deps, outputs=(features_file,), tools=("torch", "onnxruntime"),
+                 available=check.available,
+                 # float results may differ in the last bits on another CPU: `apply --locked` does not compare
+                 # the feature file's bytes (the check itself is the proof), `verify --rebuild` compares values
+                 reproducible=False, equivalent=equivalent, environment=_float_environment,
                  description=f"compare {check.check} features with PyTorch")

@@ -110,7 +110,8 @@ def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, cali
         ctx.log(f"calibrating on {len(images)} image(s), method {cal.method}")
         data, record = int8.quantize_int8(ctx.artifact(source.file).read_bytes(), images, method=cal.method,
                                           percentile=cal.percentile, workdir=ctx.tempdir() / "int8",
-                                          log=ctx.log, adapt=adapt)
+                                          log=ctx.log, adapt=adapt,
+                                          progress=lambda d, t: ctx.progress("calibration images", d, t))
         _smoke_test(data, input, out, adapt)
         return StageResult({out: data}, record)
 

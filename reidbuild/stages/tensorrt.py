@@ -25,7 +25,8 @@ def engine_stage(target: TensorRTTarget, source: ArtifactRef, name: str) -> Stag
         onnx_bytes = ctx.artifact(source.file).read_bytes()
         previous = ctx.artifact(cache_file)
         cache = previous.read_bytes() if previous.is_file() and not previous.is_symlink() else None
-        built = trt_build.build_engine(onnx_bytes, settings, timing_cache=cache, log=ctx.log)
+        built = trt_build.build_engine(onnx_bytes, settings, timing_cache=cache, log=ctx.log,
+                                       progress=lambda phase, d, t: ctx.progress(f"engine build: {phase}", d, t))
         record = dict(built.record)
         record["source"] = source.file
         record["mode"] = target.mode

@@ -102,9 +102,36 @@ def _dims(shape: Any) -> list[int]:
     return [int(d) for d in shape]
 
 
+def progress_monitor(trt: Any, progress: Optional[Callable[[str, int, int], None]]) -> Any:
+    """A TensorRT IProgressMonitor (TensorRT >= 10) forwarding its top-level build phases' steps, or None."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if progress is None or base is None:
+        return None
+
+    class Monitor(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            base.__init__(self)
+            self.totals: dict[str, int] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: Optional[str], num_steps: int) -> None:
+            if parent_phase is None:
+                self.totals[phase_name] = int(num_steps)
+                progress(phase_name, 0, int(num_steps))
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            if phase_name in self.totals:
+                progress(phase_name, int(step) + 1, self.totals[phase_name])
+            return True  # never cancel
+
+        def phase_finish(self, phase_name: str) -> None:
+            self.totals.pop(phase_name, None)
+    return Monitor()
+
+
 def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: Optional[bytes] = None,
                  trt: Any = None, log: Optional[Callable[[str], None]] = None,
-                 env: Optional[dict[str, Any]] = None) -> EngineBuild:
+                 env: Optional[dict[str, Any]] = None,
+                 progress: Optional[Callable[[str, int, int], None]] = None) -> EngineBuild:
     """Parse ``onnx_bytes`` into a strongly typed network and build it; all failures are StageFailed."""
     trt = trt or import_tensorrt()
     say = log or (lambda _m: None)
@@ -175,6 +202,9 @@ def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: O
     elif timing_cache:
         cache_state = "reused"
 
+    monitor = progress_monitor(trt, progress)
+    if monitor is not None:
+        config.progress_monitor = monitor
     say(f"building the engine (batch 1..{settings.batch_size}, workspace {settings.workspace_mib} MiB)")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from reidbuild.cli import main
 from reidbuild.fleet import ApplyOptions, apply_manifest
-from tests.helpers import tiny_manifest
+from tests.helpers import stable_lock, tiny_manifest
 
 pytest.importorskip("s3fs", reason="s3fs is the S3 backend of the cache (pip install reidbuild[s3])")
 pytest.importorskip("moto.server", reason="moto[server] provides the local S3 endpoint for this test")
@@ -82,7 +82,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 URL = "s3://reid-cache/team"
-STAGES = ["load", "onnx.export", "onnx.simplify", "parity.onnxruntime"]
+STAGES = ["load", "onnx.export", "onnx.simplify", "parity.onnxruntime", "report"]
 
 
 def test_s3_restore_and_corrupt_blob(s3, tmp_path):
@@ -91,7 +91,7 @@ def test_s3_restore_and_corrupt_blob(s3, tmp_path):
     assert code == 0, err
     assert json.loads(out)["ran"] == STAGES and json.loads(out)["cache_problems"] == []
     s3.fs.invalidate_cache()
-    assert len(s3.fs.find("reid-cache/team/actions")) == 4
+    assert len(s3.fs.find("reid-cache/team/actions")) == 5
     code, out, err = cli("apply", str(b), "--cache", URL, "--json")
     assert code == 0 and json.loads(out)["restored"] == STAGES and json.loads(out)["ran"] == []
     assert tree(tmp_path / "a" / "out") == tree(tmp_path / "b" / "out")
@@ -108,11 +108,11 @@ def test_s3_restore_and_corrupt_blob(s3, tmp_path):
     code, out, err = cli("apply", str(c), "--cache", URL, "--json")
     res = json.loads(out)
     assert code == 0, err
-    assert res["ran"] == ["onnx.export"] and res["restored"] == ["load", "onnx.simplify", "parity.onnxruntime"]
+    assert res["ran"] == ["onnx.export"] and res["restored"] == ["load", "onnx.simplify", "parity.onnxruntime", "report"]
     assert any("corrupt" in p and digest[:12] in p for p in res["cache_problems"])
     assert "warning: " in err and "corrupt" in err
     assert tree(tmp_path / "a" / "out") == tree(tmp_path / "c" / "out")
-    assert (tmp_path / "a" / "m.lock").read_bytes() == (tmp_path / "c" / "m.lock").read_bytes()
+    assert stable_lock((tmp_path / "a" / "m.lock").read_text()) == stable_lock((tmp_path / "c" / "m.lock").read_text())
     assert s3.fs.cat_file(blob) != bytes(data), "the local rebuild pushed the good bytes back"
 
 
@@ -132,7 +132,7 @@ def test_s3_endpoint_gone_mid_run_builds_locally(s3, tmp_path):
     warnings = [e.message for e in events if e.kind == "warn"]
     assert len(warnings) == 1 and "unreachable" in warnings[0] and "building locally" in warnings[0]
     assert res.cache_problems and time.monotonic() - t0 < 120
-    assert (tmp_path / "ref" / "m.lock").read_bytes() == (tmp_path / "gone" / "m.lock").read_bytes()
+    assert stable_lock((tmp_path / "ref" / "m.lock").read_text()) == stable_lock((tmp_path / "gone" / "m.lock").read_text())
 
     # the same with --cache-required: exit 3, with a one-line reason
     again = tiny_manifest(tmp_path / "required")

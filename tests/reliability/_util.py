@@ -17,14 +17,20 @@ from typing import Callable, Optional
 
 from click.testing import CliRunner
 
+from tests import helpers
+
 REPO = Path(__file__).resolve().parents[2]
 
 # counters reported at the end of the session (conftest.pytest_terminal_summary) and copied into COUNTS.md
 COUNTS: dict[str, int] = {}
 
 # the tiny build (tests.helpers.tiny_manifest): its stages and artifact files
-STAGES = ("load", "onnx.export", "onnx.simplify", "parity.onnxruntime")
-ARTIFACTS = ("tiny.fastreid.json", "tiny.export.onnx", "tiny.onnx")
+STAGES = ("load", "onnx.export", "onnx.simplify", "parity.onnxruntime", "report")
+ARTIFACTS = ("tiny.fastreid.json", "tiny.export.onnx", "tiny.onnx", "tiny.parity.onnxruntime.npz")
+# the HTML report records each run's stage timings: its bytes differ run to run (checked for being whole, not
+# for its bytes), as do the lock's ``seconds`` and the report's sha256 in it (see ``stable_lock``)
+VOLATILE = ("tiny.report.html",)
+stable_lock = helpers.stable_lock
 
 # a temp file of fsutil.atomic_write (".NAME.tmp-PID-HEX") or a stage scratch folder (".tmp-work-...")
 TEMP_RE = re.compile(r"^\.(.+\.tmp-\d+-[0-9a-f]+|tmp-work-.*)$")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import tiny_manifest
-from tests.reliability._util import ARTIFACTS, COUNTS, cli, copy_project, sha
+from tests.reliability._util import ARTIFACTS, COUNTS, VOLATILE, cli, copy_project, sha
 
 
 @dataclass
@@ -27,7 +27,7 @@ def build(root: Path, seed: int) -> Built:
     code, out, err = cli("apply", m)
     assert code == 0, err
     arts = {n: sha(root / "out" / n) for n in ARTIFACTS}
-    assert sorted(p.name for p in (root / "out").iterdir() if not p.name.startswith(".")) == sorted(ARTIFACTS)
+    assert sorted(p.name for p in (root / "out").iterdir() if not p.name.startswith(".")) == sorted(ARTIFACTS + VOLATILE)
     return Built(root, m, arts, (root / "m.lock").read_text())
 
 
