@@ -59,6 +59,12 @@ class Source(_Strict):
     opts: dict[str, Union[str, int, float, bool, list[Union[str, int, float, bool]]]] = Field(
         default_factory=dict, description="Config overrides like fast-reid's --opts, dotted keys."
     )
+    model_code: Optional[str] = Field(
+        None, min_length=1,
+        description="Opt in to building the model with your own fast-reid code instead of reidbuild's built-in "
+        "architectures: the folder holding your fork's fastreid package (relative to the manifest), or "
+        "'installed' for this Python's fastreid package. Runs that code; its .py files are hashed into the lock.",
+    )
 
 
 class Input(_Strict):

@@ -36,6 +36,25 @@ def _seeded_init(model: "torch.nn.Module", seed: int) -> None:  # noqa: F821
             weight.copy_(torch.randn(weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
             if getattr(mod, "bias", None) is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.01)
+        _damp_non_local(model, gen)
+
+
+def _damp_non_local(model: "torch.nn.Module", gen: "torch.Generator") -> None:  # noqa: F821
+    """Small output norms in Non-local blocks (modules with g/theta/phi/W children, fast-reid's and ours).
+
+    A Non-local block's attention is cubic in its input, so with full-scale weights an image a little brighter
+    than those the statistics were measured on grows through R101's nine blocks into inf. fast-reid starts
+    the norm ending ``W`` at zero and training keeps these branches small; so do trained-like weights (a few
+    percent of the features: dropping the block still changes them far beyond float noise).
+    """
+    import torch
+
+    for mod in model.modules():
+        if not all(hasattr(mod, name) for name in ("g", "theta", "phi", "W")):
+            continue
+        norms = [m for m in mod.W.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+        if norms:
+            norms[-1].weight.copy_(torch.rand(norms[-1].weight.shape, generator=gen) * 0.02 + 0.01)
 
 
 def _residual_closing_norms(model: "torch.nn.Module") -> list["torch.nn.Module"]:  # noqa: F821
@@ -67,9 +86,10 @@ def _calm_residual_branches(model: "torch.nn.Module", seed: int) -> None:  # noq
 def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: int = 16) -> None:  # noqa: F821
     """Replace every BatchNorm's running mean/var by the exact average over ``images`` (float32 NCHW 0..255).
 
-    ``momentum=None`` makes PyTorch keep a cumulative average, so the result does not depend on the batch order
-    beyond float rounding. Each layer is measured on inputs normalised by the layers before it, as in training;
-    the model is left in eval mode.
+    A momentum of 1/(k+1) for the k-th batch keeps the running values the cumulative average of the batches
+    (what ``momentum=None`` does, but fast-reid's GhostBatchNorm passes its momentum on and needs a number),
+    so the result does not depend on the batch order beyond float rounding. Each layer is measured on inputs
+    normalised by the layers before it, as in training; the model is left in eval mode.
     """
     import torch
 
@@ -77,16 +97,17 @@ def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: i
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None
     model.eval()  # only the BatchNorms measure: fast-reid's heads want labels in train mode
     for m in bns:
         m.train()
     with torch.no_grad():
-        for start in range(0, len(images), batch):
+        for k, start in enumerate(range(0, len(images), batch)):
             chunk = images[start:start + batch]
             if len(chunk) < 2:  # BatchNorm in train mode needs two samples
                 chunk = images[-2:]
-            model(torch.tensor(np.asarray(chunk, dtype=np.float32)))  # a copy: fast-reid normalises its input in place
+            for m in bns:
+                m.momentum = 1.0 / (k + 1)
+            model(torch.from_numpy(np.array(chunk, dtype=np.float32)))  # a copy: fast-reid normalises in place
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
     model.eval()
