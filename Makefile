@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.reidbuild-installed
 
-.PHONY: demo test pycaffe browser report-screenshot bench clean-outputs
+.PHONY: demo test pycaffe browser report-screenshot bench zoo-table clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	# the exact CPU wheel first, so nothing below can pull a CUDA build of torch
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# fast-reid's own code, the reference the tests compare against (and `source.model_code: installed`).
+	# --no-deps: its metadata pins torch 1.13.1 and torchvision; the parts used here (config, modeling,
+	# Checkpointer, solver) need only yacs and termcolor, installed by the test extras above
+	$(BIN)/python -m pip install --quiet --no-deps fastreid==1.4.0
 	touch $(STAMP)
 
 # apply prints the HTML report's path last (outputs/demo/demo.report.html)
@@ -31,6 +35,13 @@ test: $(STAMP) pycaffe browser
 PYCAFFE_PREFIX ?= $(HOME)/.cache/reidbuild/pycaffe
 pycaffe: $(STAMP)
 	bash scripts/build_pycaffe.sh $(abspath $(BIN)/python) $(PYCAFFE_PREFIX)
+
+# every model config fast-reid ships through `reidbuild apply` (tests/zoo: 43 builds, many minutes on 2 cores), then
+# the results as the README's table; a failing config is a row of the table, so the table is written either way
+zoo-table: $(STAMP) pycaffe
+	rm -rf outputs/zoo
+	-REIDBUILD_ZOO_RESULTS=outputs/zoo $(BIN)/python -m pytest -q tests/zoo
+	$(BIN)/python scripts/zoo_table.py outputs/zoo README.md
 
 # Debian's chromium for the report's browser tests (headless; needs root or sudo the first time)
 browser:

@@ -59,6 +59,12 @@ class Source(_Strict):
     opts: dict[str, Union[str, int, float, bool, list[Union[str, int, float, bool]]]] = Field(
         default_factory=dict, description="Config overrides like fast-reid's --opts, dotted keys."
     )
+    model_code: Optional[str] = Field(
+        None, min_length=1,
+        description="Opt in to building the model with your own fast-reid code instead of reidbuild's built-in "
+        "architectures: the folder holding your fork's fastreid package (relative to the manifest), or "
+        "'installed' for this Python's fastreid package. Runs that code; its .py files are hashed into the lock.",
+    )
 
 
 class Input(_Strict):
@@ -133,14 +139,18 @@ class Tolerance(_Strict):
     min_rank1: Optional[float] = Field(None, ge=0, le=1, description="Rank-1 agreement with the reference.")
     topk: Optional[int] = Field(None, ge=1)
     min_topk_overlap: Optional[float] = Field(None, ge=0, le=1)
+    compare: Optional[Literal["normalized", "raw"]] = Field(None, description="What rtol/atol apply to.")
 
 
 class Parity(_Strict):
     images: str
     reference: Literal["torch"] = "torch"
+    compare: Literal["normalized", "raw"] = Field(
+        "normalized", description="rtol/atol apply to the L2-normalised features (what re-id matching uses) "
+        "or to the raw features.")
     rtol: float = Field(1e-3, ge=0)
     atol: float = Field(1e-6, ge=0)
-    min_cosine: Optional[float] = Field(None, ge=-1, le=1)
+    min_cosine: Optional[float] = Field(None, ge=-1, le=1, description="Default 0.9999 for fp32 checks.")
     backends: list[Literal["onnxruntime", "caffe", "tensorrt"]] = Field(min_length=1)
     overrides: dict[Literal["onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8", "onnx_int8_cpu"],
                     Tolerance] = Field(

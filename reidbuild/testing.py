@@ -12,6 +12,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .probe import person_like_images  # noqa: F401 (one generator: the self-checks' probe)
+
 
 def _seeded_init(model: "torch.nn.Module", seed: int) -> None:  # noqa: F821
     """He-normal convolutions/linears and varied BatchNorm affines, all from one seed."""
@@ -34,6 +36,25 @@ def _seeded_init(model: "torch.nn.Module", seed: int) -> None:  # noqa: F821
             weight.copy_(torch.randn(weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
             if getattr(mod, "bias", None) is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.01)
+        _damp_non_local(model, gen)
+
+
+def _damp_non_local(model: "torch.nn.Module", gen: "torch.Generator") -> None:  # noqa: F821
+    """Small output norms in Non-local blocks (modules with g/theta/phi/W children, fast-reid's and ours).
+
+    A Non-local block's attention is cubic in its input, so with full-scale weights an image a little brighter
+    than those the statistics were measured on grows through R101's nine blocks into inf. fast-reid starts
+    the norm ending ``W`` at zero and training keeps these branches small; so do trained-like weights (a few
+    percent of the features: dropping the block still changes them far beyond float noise).
+    """
+    import torch
+
+    for mod in model.modules():
+        if not all(hasattr(mod, name) for name in ("g", "theta", "phi", "W")):
+            continue
+        norms = [m for m in mod.W.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+        if norms:
+            norms[-1].weight.copy_(torch.rand(norms[-1].weight.shape, generator=gen) * 0.02 + 0.01)
 
 
 def _residual_closing_norms(model: "torch.nn.Module") -> list["torch.nn.Module"]:  # noqa: F821
@@ -65,9 +86,10 @@ def _calm_residual_branches(model: "torch.nn.Module", seed: int) -> None:  # noq
 def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: int = 16) -> None:  # noqa: F821
     """Replace every BatchNorm's running mean/var by the exact average over ``images`` (float32 NCHW 0..255).
 
-    ``momentum=None`` makes PyTorch keep a cumulative average, so the result does not depend on the batch order
-    beyond float rounding. Each layer is measured on inputs normalised by the layers before it, as in training;
-    the model is left in eval mode.
+    A momentum of 1/(k+1) for the k-th batch keeps the running values the cumulative average of the batches
+    (what ``momentum=None`` does, but fast-reid's GhostBatchNorm passes its momentum on and needs a number),
+    so the result does not depend on the batch order beyond float rounding. Each layer is measured on inputs
+    normalised by the layers before it, as in training; the model is left in eval mode.
     """
     import torch
 
@@ -75,16 +97,17 @@ def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: i
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None
     model.eval()  # only the BatchNorms measure: fast-reid's heads want labels in train mode
     for m in bns:
         m.train()
     with torch.no_grad():
-        for start in range(0, len(images), batch):
+        for k, start in enumerate(range(0, len(images), batch)):
             chunk = images[start:start + batch]
             if len(chunk) < 2:  # BatchNorm in train mode needs two samples
                 chunk = images[-2:]
-            model(torch.from_numpy(np.ascontiguousarray(chunk)))
+            for m in bns:
+                m.momentum = 1.0 / (k + 1)
+            model(torch.from_numpy(np.array(chunk, dtype=np.float32)))  # a copy: fast-reid normalises in place
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
     model.eval()
@@ -97,27 +120,6 @@ def make_trained_like(model: "torch.nn.Module", images: np.ndarray, seed: int = 
     _calm_residual_branches(model, seed)
     measure_bn_statistics(model, images)
     return model
-
-
-def person_like_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    """``count`` deterministic person-like images (float32 NCHW, 0..255): smooth backgrounds, a figure
-    in varied colours, mild sensor noise. Enough variety to measure BatchNorm statistics and to give each image
-    its own feature; written for tests and benchmarks, which may not download data."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    out = np.empty((count, 3, height, width), np.float32)
-    for i in range(count):
-        bg = rng.uniform(30, 220, 3)[:, None, None] + rng.uniform(-70, 70, 3)[:, None, None] * (y / height)
-        img = np.broadcast_to(bg, (3, height, width)).copy()
-        cx = width * rng.uniform(0.35, 0.65)
-        parts = [(0.08, 0.2, 0.10), (0.2, 0.55, 0.22), (0.55, 0.95, 0.16)]  # head, torso, legs
-        for top, bottom, half in parts:
-            colour = rng.uniform(0, 255, 3)[:, None]
-            mask = (y >= top * height) & (y < bottom * height) & (np.abs(x - cx) < half * width)
-            img[:, mask] = colour
-        img += rng.normal(0, 5, img.shape).astype(np.float32)
-        out[i] = np.clip(img, 0, 255)
-    return out
 
 
 def feature_cosines(features: Iterable[np.ndarray]) -> np.ndarray:

@@ -15,8 +15,10 @@ class TorchRunner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
+        # a copy: fast-reid's own Baseline normalises its input in place (images.sub_(mean).div_(std)), which
+        # would change the caller's batch before other backends see it
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+            out = self.model(torch.from_numpy(np.array(batch, dtype=np.float32, copy=True)))
         return out.detach().cpu().numpy().astype(np.float32)
 
     def describe(self) -> dict[str, Any]:

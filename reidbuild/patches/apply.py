@@ -41,11 +41,13 @@ def load_onnx(data: bytes, what: str) -> Any:
 
 
 def apply_onnx(data: bytes, patches: Sequence[spec.LoadedPatch], *, input_shape: tuple[int, int, int, int],
-               what: str, check: bool = True, snapshot: Optional[Snapshot] = None) -> tuple[bytes, list[dict[str, Any]]]:
+               what: str, check: bool = True, snapshot: Optional[Snapshot] = None,
+               images: Optional[Any] = None) -> tuple[bytes, list[dict[str, Any]]]:
     """Apply ``patches`` in order to ONNX bytes; returns (patched bytes, one record per patch).
 
     After each patch the model goes through the onnx checker, strict shape inference and onnxruntime
-    runs on zeros (``check``); a patch that breaks the graph raises StageFailed naming the patch.
+    runs on ``images`` (the stage's self-check images; person-like ones when None) (``check``); a patch
+    that breaks the graph raises StageFailed naming the patch.
     """
     from . import onnx_ops
 
@@ -59,7 +61,7 @@ def apply_onnx(data: bytes, patches: Sequence[spec.LoadedPatch], *, input_shape:
         ops = onnx_ops.apply_patch(model, lp, what)
         if check:
             try:
-                onnx_ops.check_model(model, input_shape, what, source=source)
+                onnx_ops.check_model(model, input_shape, what, source=source, images=images)
             except StageFailed as exc:
                 raise StageFailed(f"patch {lp.path} broke the graph: {exc}") from None
         if snapshot:

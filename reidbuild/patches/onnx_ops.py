@@ -640,60 +640,19 @@ def _shape_text(tt: Any) -> str:
     return f"{elem}[{','.join(dims)}]"
 
 
-def _feed_shape(dims: list[Any], n: int, fill: tuple[int, int, int, int]) -> tuple[list[int], dict[str, int]]:
-    """Concrete shape for a declared input: fixed dims kept, symbolic ones from the check shape."""
-    rank = len(dims)
-    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if rank == 4 and fixed[3] == 3 and fixed[1] != 3:
-        ref = [n, fill[2], fill[3], fill[1]]  # NHWC
-    elif rank == 4:
-        ref = [n, fill[1], fill[2], fill[3]]
-    else:
-        ref = [n] + [1] * max(rank - 1, 0)
-    shape, params = [], {}
-    for i, d in enumerate(dims):
-        v = fixed[i] if fixed[i] else ref[i]
-        shape.append(v)
-        if not fixed[i] and d.dim_param:
-            params[d.dim_param] = v
-    return shape, params
-
-
-class _Runner:
-    """One onnxruntime session over a model, fed zeros of its declared inputs at a chosen batch size."""
-
-    def __init__(self, data: bytes, model: Any, fill: tuple[int, int, int, int]) -> None:
-        import onnxruntime as ort
-
-        from ..backends.onnxruntime import session_options
-
-        self.model, self.fill = model, fill
-        self.sess = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
-
-    def run(self, n: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        from onnx import helper
-
-        init = {t.name for t in self.model.graph.initializer}
-        feeds, params = {}, {}
-        for v in self.model.graph.input:
-            if v.name in init:
-                continue
-            tt = v.type.tensor_type
-            shape, p = _feed_shape(list(tt.shape.dim), n, self.fill)
-            params.update(p)
-            feeds[v.name] = np.zeros(shape, dtype=helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        outs = self.sess.run(None, feeds)
-        return {o.name: r for o, r in zip(self.sess.get_outputs(), outs)}, params
-
-
 def check_model(model: Any, input_shape: tuple[int, int, int, int], what: str,
-                source: Optional[Any] = None) -> None:
-    """onnx checker, strict shape inference and onnxruntime runs on zeros; StageFailed says what broke.
+                source: Optional[Any] = None, images: Optional[np.ndarray] = None) -> None:
+    """onnx checker, strict shape inference and onnxruntime runs on real-looking images; StageFailed says
+    what broke.
 
-    With a symbolic batch the graph is run at two batch sizes, which catches a batch size baked into a
-    Reshape. Non-finite outputs fail unless the unpatched ``source`` gives them as well.
+    ``images`` (float32 NCHW 0..255, fed by the input's declared type) are the stage's self-check images;
+    without them, person-like images of ``input_shape``. With a symbolic batch the graph is run at two batch
+    sizes, which catches a batch size baked into a Reshape. A non-finite output fails unless the unpatched
+    ``source`` gives it on the same image as well (then it is the model's, not the patch's).
     """
     import onnx
+
+    from .. import selfcheck
 
     data = model.SerializeToString()
     try:
@@ -704,44 +663,72 @@ def check_model(model: Any, input_shape: tuple[int, int, int, int], what: str,
         onnx.shape_inference.infer_shapes(data, check_type=True, strict_mode=True)
     except Exception as exc:
         raise StageFailed(f"{what}: shape inference fails on the patched graph: {_first_line(exc)}") from None
-    n0 = input_shape[0]
-    init = {t.name for t in model.graph.initializer}
-    batch_dims = [v.type.tensor_type.shape.dim[0] for v in model.graph.input
-                  if v.name not in init and len(v.type.tensor_type.shape.dim)]
-    batch_dynamic = any(not d.HasField("dim_value") for d in batch_dims)
-    try:
-        runner = _Runner(data, model, input_shape)
-    except Exception as exc:
-        raise StageFailed(f"{what}: onnxruntime cannot load the patched graph: {_first_line(exc)}") from None
-    for n in ([n0, n0 + 1] if batch_dynamic else [n0]):
-        try:
-            outs, params = runner.run(n)
-        except Exception as exc:
-            raise StageFailed(f"{what}: onnxruntime cannot run the patched graph (zeros input, batch {n}): "
-                              f"{_first_line(exc)}") from None
+    probe = _probe(images, input_shape)
+    sess = selfcheck.open_session(data, f"{what}: the patched graph")
+    dim0 = sess.get_inputs()[0].shape[0] if sess.get_inputs() and sess.get_inputs()[0].shape else input_shape[0]
+    sizes = [dim0] if isinstance(dim0, int) and dim0 > 0 else [input_shape[0], input_shape[0] + 1]
+    unpatched: dict[str, Any] = {}  # the unpatched graph's session, opened only if an output is non-finite
+
+    def source_session() -> Any:
+        if source is not None and "s" not in unpatched:
+            unpatched["s"] = selfcheck.open_session(source.SerializeToString(), what)
+        return unpatched.get("s")
+
+    for n in sizes:
+        batch = selfcheck.batch_of(probe.images, n)
+        outs, params = selfcheck.run_outputs(sess, batch, f"{what}: the patched graph")
         for v in model.graph.output:
             got = outs.get(v.name)
             if got is None:
                 raise StageFailed(f"{what}: onnxruntime gives no output {v.name!r}")
-            dims = list(v.type.tensor_type.shape.dim) if v.type.tensor_type.HasField("shape") else None
-            if dims is not None:
-                want = [d.dim_value if d.HasField("dim_value") else params.get(d.dim_param) for d in dims]
-                if len(want) != got.ndim or any(w is not None and w != s for w, s in zip(want, got.shape)):
-                    raise StageFailed(f"{what}: output {v.name!r} is declared {_shape_text(v.type.tensor_type)} "
-                                      f"but has shape {list(got.shape)} at batch {n}")
-            if got.dtype.kind == "f" and not np.all(np.isfinite(got)) and not _source_nonfinite(source, n, input_shape):
-                raise StageFailed(f"{what}: output {v.name!r} is not finite (NaN/Inf) for a zeros input")
+            _check_declared_shape(v, got, params, n, what)
+            if got.dtype.kind == "f":
+                selfcheck.judge_finite(got, _names(probe, n), f"{what}: output {v.name!r} of the patched graph",
+                                       lambda v=v, got=got, batch=batch: _source_output(source_session(), batch,
+                                                                                        v.name, got),
+                                       "the unpatched graph")
 
 
-def _source_nonfinite(source: Optional[Any], n: int, fill: tuple[int, int, int, int]) -> bool:
-    """Whether the unpatched model already gives non-finite outputs on zeros (then the patch is not to blame)."""
-    if source is None:
-        return False
+def _probe(images: Optional[np.ndarray], input_shape: tuple[int, int, int, int]) -> Any:
+    from ..probe import Probe, probe_images
+
+    if images is None:
+        return probe_images(input_shape[2], input_shape[3])
+    return Probe(np.asarray(images, dtype=np.float32), [f"self-check image #{i}" for i in range(len(images))],
+                 "self-check images")
+
+
+def _names(probe: Any, n: int) -> Any:
+    """The probe relabelled for a batch of ``n`` (images repeat when the batch is larger)."""
+    from ..probe import Probe
+
+    return Probe(probe.images, [probe.names[i % len(probe.names)] for i in range(n)], probe.source)
+
+
+def _check_declared_shape(v: Any, got: np.ndarray, params: dict[str, int], n: int, what: str) -> None:
+    dims = list(v.type.tensor_type.shape.dim) if v.type.tensor_type.HasField("shape") else None
+    if dims is None:
+        return
+    want = [d.dim_value if d.HasField("dim_value") else params.get(d.dim_param) for d in dims]
+    if len(want) != got.ndim or any(w is not None and w != s for w, s in zip(want, got.shape)):
+        raise StageFailed(f"{what}: output {v.name!r} is declared {_shape_text(v.type.tensor_type)} "
+                          f"but has shape {list(got.shape)} at batch {n}")
+
+
+def _source_output(sess: Any, batch: np.ndarray, name: str, like: np.ndarray) -> np.ndarray:
+    """The unpatched graph's output ``name`` on ``batch``; finite stand-in when it has none (patch to blame)."""
+    from .. import selfcheck
+
+    if sess is None:
+        return np.zeros_like(like, dtype=np.float64)
     try:
-        outs, _ = _Runner(source.SerializeToString(), source, fill).run(n)
-    except Exception:
-        return False
-    return any(r.dtype.kind == "f" and not np.all(np.isfinite(r)) for r in outs.values())
+        outs, _ = selfcheck.run_outputs(sess, batch, "the unpatched graph")
+    except StageFailed:
+        return np.zeros_like(like, dtype=np.float64)
+    ref = outs.get(name)
+    if ref is None or len(ref) != len(like):
+        ref = next((r for r in outs.values() if r.dtype.kind == "f" and len(r) == len(like)), None)
+    return np.zeros_like(like, dtype=np.float64) if ref is None else ref
 
 
 def _first_line(exc: BaseException) -> str:

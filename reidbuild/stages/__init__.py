@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from ..manifest import Input
+    from ..pipeline import StageContext
+    from ..probe import Probe
 
 
 @dataclass(frozen=True)
@@ -10,3 +17,11 @@ class ArtifactRef:
 
     stage: str
     file: str
+
+
+def probe_for(ctx: "StageContext", inp: "Input", paths: Optional[Sequence[Path]]) -> "Probe":
+    """The self-check images of this run (the first parity images, or person-like ones), loaded once."""
+    from ..probe import probe_images
+
+    return ctx.cached("self_check_probe", lambda: probe_images(inp.height, inp.width, inp.color, inp.interpolation,
+                                                               paths))

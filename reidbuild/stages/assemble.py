@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from ..backends.base import Runner
 from ..manifest import LoadedManifest
 from ..pipeline import Stage
+from ..probe import PROBE_COUNT
 from . import ArtifactRef
 from .load import load_stage
 from .onnx import export_stage, simplify_stage
@@ -63,8 +64,8 @@ def _ort_factory(art: ArtifactRef, layout: str, color: str) -> RunnerFactory:
     return make
 
 
-def _int8_cpu(lm: LoadedManifest, source: ArtifactRef, layout: str,
-              transforms: list[str]) -> tuple[Stage, BackendBuild]:
+def _int8_cpu(lm: LoadedManifest, source: ArtifactRef, layout: str, transforms: list[str],
+              probe_paths: Optional[list[Path]]) -> tuple[Stage, BackendBuild]:
     """``precision.int8_cpu`` from the final ONNX (``targets.onnx_int8_cpu``) and its onnxruntime backend."""
     from ..patches import adapt_input
     from .precision import int8_stage
@@ -74,7 +75,7 @@ def _int8_cpu(lm: LoadedManifest, source: ArtifactRef, layout: str,
     assert target is not None
     calib = lm.images("targets", "onnx_int8_cpu", "calibration", "images")
     st, ref = int8_stage(target, source, m.name, calib, m.input,
-                         adapt=lambda b: adapt_input(layout, b, m.input.color), cpu=True)
+                         adapt=lambda b: adapt_input(layout, b, m.input.color), probe_paths=probe_paths, cpu=True)
     return st, BackendBuild([ref], _ort_factory(ref, layout, m.input.color), output_transforms=transforms)
 
 
@@ -85,7 +86,11 @@ def assemble(lm: LoadedManifest) -> Assembly:
     stages: list[Stage] = []
     backends: dict[str, BackendBuild] = {}
 
-    load, load_ref, cfg = load_stage(lm)
+    parity = m.parity
+    images: Optional[list[Path]] = lm.images("parity", "images") if parity else None
+    # the self-checks of load and every ONNX-writing stage run on the first parity images (person-like without)
+    probe_paths = images[:PROBE_COUNT] if images else None
+    load, load_ref, cfg = load_stage(lm, probe_paths)
     stages.append(load)
 
     # ONNX chain: the last ONNX stage writes <name>.onnx
@@ -94,10 +99,10 @@ def assemble(lm: LoadedManifest) -> Assembly:
     chain = ["export"] + (["simplify"] if onnx_t.simplify else []) + (["patch"] if onnx_patches else [])
     files = {"export": f"{name}.export.onnx", "simplify": f"{name}.sim.onnx", "patch": f"{name}.onnx"}
     files[chain[-1]] = f"{name}.onnx"
-    st, ref = export_stage(lm, cfg, load_ref, files["export"])
+    st, ref = export_stage(lm, cfg, load_ref, files["export"], probe_paths)
     stages.append(st)
     if onnx_t.simplify:
-        st, ref = simplify_stage(lm, ref, files["simplify"])
+        st, ref = simplify_stage(lm, ref, files["simplify"], probe_paths)
         stages.append(st)
     graph_ref = ref  # the single source for Caffe: simplified, before ONNX-only patches
     onnx_transforms: list[str] = []
@@ -107,7 +112,7 @@ def assemble(lm: LoadedManifest) -> Assembly:
         from .patch import patch_stage
 
         st = patch_stage("onnx", onnx_patches, [ref], [files["patch"]], name, dialect=None,
-                         check_input_shape=(1, 3, h, w))
+                         check_input_shape=(1, 3, h, w), probe_input=m.input, probe_paths=probe_paths)
         stages.append(st)
         ref = ArtifactRef(st.name, files["patch"])
         onnx_transforms = output_transforms(onnx_patches)
@@ -148,9 +153,6 @@ def assemble(lm: LoadedManifest) -> Assembly:
         backends["caffe"] = BackendBuild([proto_ref, model_ref], caffe_runner, available=caffe_available,
                                          output_transforms=caffe_transforms)
 
-    parity = m.parity
-    images: Optional[list[Path]] = lm.images("parity", "images") if parity else None
-
     def check(name_: str, profile: dict) -> ParityCheck:
         b = backends[name_]
         return ParityCheck(name_, b.artifacts, lambda ctx, f=b.factory: f(ctx.artifact), profile,
@@ -177,7 +179,7 @@ def assemble(lm: LoadedManifest) -> Assembly:
         from ..patches import adapt_input
 
         made = precision_stage(tt, final_onnx, name, calib, m.input,
-                               adapt=lambda b: adapt_input(layout, b, m.input.color))
+                               adapt=lambda b: adapt_input(layout, b, m.input.color), probe_paths=probe_paths)
         engine_src = final_onnx
         if made is not None:
             st, engine_src = made
@@ -202,7 +204,7 @@ def assemble(lm: LoadedManifest) -> Assembly:
     if m.targets.onnx_int8_cpu is not None:
         from ..precision.profiles import default_tolerance
 
-        st, backends["onnx_int8_cpu"] = _int8_cpu(lm, final_onnx, layout, onnx_transforms)
+        st, backends["onnx_int8_cpu"] = _int8_cpu(lm, final_onnx, layout, onnx_transforms, probe_paths)
         stages.append(st)
         if images is not None:  # the manifest validator demands a parity section for this target
             stages.append(parity_stage(lm, cfg, load_ref, check("onnx_int8_cpu", default_tolerance("onnx_int8_cpu")),

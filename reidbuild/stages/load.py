@@ -3,39 +3,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from ..manifest import LoadedManifest, RandomSource
 from ..pipeline import Stage, StageContext, StageResult
-from . import ArtifactRef
+from . import ArtifactRef, probe_for
 
 STAGE = "load"
 
 
 def model_config(lm: LoadedManifest) -> dict[str, Any]:
-    from ..fastreid.config import load_config
+    """The resolved fast-reid config, read by the model source the manifest chose."""
+    from .. import modelsource
 
-    return load_config(lm.resolve(lm.model.source.config), dict(lm.model.source.opts))
-
-
-# the keys that decide the deployed network; solver, datasets, losses and the classifier do not
-_TRAINING_ONLY_HEAD_KEYS = ("CLS_LAYER", "MARGIN", "SCALE", "NUM_CLASSES")
-
-
-def model_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a fast-reid config that shapes the inference graph (hashed into the fingerprint)."""
-    model = cfg["MODEL"]
-    heads = {k: v for k, v in model["HEADS"].items() if k not in _TRAINING_ONLY_HEAD_KEYS}
-    return {"META_ARCHITECTURE": model["META_ARCHITECTURE"], "BACKBONE": model["BACKBONE"], "HEADS": heads,
-            "PIXEL_MEAN": model["PIXEL_MEAN"], "PIXEL_STD": model["PIXEL_STD"]}
+    return modelsource.config(lm)
 
 
 def build_torch_model(lm: LoadedManifest, cfg: dict[str, Any]) -> Any:
-    """The reference PyTorch model: the fast-reid architecture with the checkpoint's (or seeded random) weights."""
+    """The reference PyTorch model: the manifest's model source with the checkpoint's (or seeded) weights."""
+    from .. import modelsource
     from ..fastreid.checkpoint import init_random, load_weights
-    from ..fastreid.registry import build_model
 
-    model = build_model(cfg)
+    model = modelsource.build(lm, cfg)
     weights = lm.model.source.weights
     if isinstance(weights, RandomSource):
         init_random(model, weights.random.seed)
@@ -61,11 +50,19 @@ def release_model(ctx: StageContext) -> None:
         gc.collect()
 
 
-def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
-    """Validates the config now (plan time) so config errors surface before any work."""
+def load_stage(lm: LoadedManifest, probe_paths: Optional[Sequence[Path]] = None) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
+    """Validates the config now (plan time) so config errors surface before any work.
+
+    The built model must give finite features on the self-check images (``probe_paths``, the first parity
+    images, or person-like images): a model that gives NaN/Inf on realistic input is the checkpoint's problem
+    (exit 2), named here once instead of blamed on every later tool. A blank or noise image proves nothing:
+    GeM pooling and non-local blocks may overflow on it in PyTorch itself.
+    """
+    from .. import modelsource
     from ..fastreid.config import check_input_size
 
     cfg = model_config(lm)
+    model_params = modelsource.params(lm, cfg)
     src = lm.model.source
     check_input_size(cfg, lm.model.input.height, lm.model.input.width, str(lm.resolve(src.config)))
     inputs: dict[str, Path] = {"config": lm.resolve(src.config)}
@@ -79,23 +76,29 @@ def load_stage(lm: LoadedManifest) -> tuple[Stage, ArtifactRef, dict[str, Any]]:
 
     def run(ctx: StageContext) -> StageResult:
         import numpy as np
-        import torch
+
+        from ..backends.torch import TorchRunner
+        from ..selfcheck import nonfinite_rows
 
         model = model_from(ctx, lm, cfg)
-        with torch.inference_mode():
-            feat = model(torch.zeros(1, 3, h, w)).numpy()
-        if feat.ndim != 2 or not np.all(np.isfinite(feat)):
+        probe = probe_for(ctx, lm.model.input, probe_paths)
+        feat = np.asarray(TorchRunner(model).infer(probe.images))
+        bad = nonfinite_rows(feat) if feat.ndim == 2 else list(range(len(feat)))
+        if bad:
             from ..errors import CheckpointError
 
-            raise CheckpointError(f"{src.weights}: the model gives non-finite features on a blank image")
+            raise CheckpointError(f"{src.weights}: the model gives non-finite features (NaN/Inf) in PyTorch on "
+                                  f"{probe.names[bad[0]]} ({len(bad)} of {len(feat)} {probe.source}): the "
+                                  "checkpoint or config is broken, no conversion can fix that")
         weights = ctx.inputs["weights"]["sha256"] if "weights" in ctx.inputs else weights_param
-        summary = {"model": model_params(cfg), "weights": weights, "feature_dim": int(feat.shape[1]),
+        summary = {"model": model_params, "weights": weights, "feature_dim": int(feat.shape[1]),
                    "parameters": int(sum(p.numel() for p in model.parameters())),
                    "state_dict_keys": len(model.state_dict())}
         data = (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()
-        return StageResult({out: data}, {"feature_dim": summary["feature_dim"], "parameters": summary["parameters"]})
+        return StageResult({out: data}, {"feature_dim": summary["feature_dim"], "parameters": summary["parameters"],
+                                         **modelsource.facts(lm)})
 
-    stage = Stage(name=STAGE, run=run, params={"model": model_params(cfg), "weights": weights_param, "input": [h, w]},
+    stage = Stage(name=STAGE, run=run, params={"model": model_params, "weights": weights_param, "input": [h, w]},
                   inputs=inputs, outputs=(out,), tools=("torch",),
                   description="build the fast-reid model from config + checkpoint")
     return stage, ArtifactRef(STAGE, out), cfg

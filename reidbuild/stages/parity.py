@@ -1,7 +1,9 @@
 """Parity stages: prove each backend computes the PyTorch model's features on real images.
 
 One stage per check (``parity.onnxruntime``, ``parity.onnx_int8``, ``parity.caffe``, ...), so editing one
-target re-runs only its own proof. A failing check is recorded as failed in the lock and exits 1.
+target re-runs only its own proof. A failing check is recorded as failed in the lock (with the smallest
+rtol/atol that would have passed) and exits 1. The comparison mode (``parity.compare``, per check
+``overrides.<check>.compare``) is a parameter of the stage and is recorded with its result.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply
 
 from .. import featurefile
 from ..backends.base import Runner, run_batched
-from ..compare import TOLERANCE_KEYS, compare
+from ..compare import FP32_TOLERANCE, TOLERANCE_KEYS, compare
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
@@ -34,19 +36,40 @@ class ParityCheck:
     output_transforms: list[str] = field(default_factory=list)  # declared by graph patches (changes_output)
 
 
-def tolerance_for(lm: LoadedManifest, check: ParityCheck) -> dict[str, Any]:
-    """Profile defaults, then the manifest's parity section (for fp32 checks), then per-check overrides."""
+RETRIEVAL_KEYS = ("min_rank1", "min_topk_overlap")
+
+
+def tolerance_for(lm: LoadedManifest, check: ParityCheck, n_images: int = 3) -> dict[str, Any]:
+    """Profile defaults, then the manifest's parity section (for fp32 checks), then per-check overrides.
+
+    Retrieval agreement needs three images; with fewer, the profile's retrieval thresholds are dropped (an
+    override that asks for them still fails, saying why)."""
     tol = {k: check.profile.get(k) for k in TOLERANCE_KEYS}
+    if n_images < 3:
+        tol.update({k: None for k in RETRIEVAL_KEYS})
     override = lm.model.parity.overrides.get(check.check) if lm.model.parity else None
     if override is not None:
-        tol.update({k: v for k, v in override.model_dump().items() if v is not None})
+        tol.update({k: v for k, v in override.model_dump().items() if v is not None and k in TOLERANCE_KEYS})
     return tol
 
 
+def mode_for(lm: LoadedManifest, check: ParityCheck) -> str:
+    """What rtol/atol compare: the check's override, else ``parity.compare`` (default normalized)."""
+    parity = lm.model.parity
+    assert parity is not None
+    override = parity.overrides.get(check.check)
+    return override.compare if override is not None and override.compare else parity.compare
+
+
 def fp32_profile(lm: LoadedManifest) -> dict[str, Any]:
+    """The fp32 defaults with the parity section's rtol/atol (and min_cosine when given)."""
     p = lm.model.parity
     assert p is not None
-    return {"rtol": p.rtol, "atol": p.atol, "min_cosine": p.min_cosine}
+    tol = dict(FP32_TOLERANCE)
+    tol.update({"rtol": p.rtol, "atol": p.atol})
+    if p.min_cosine is not None:
+        tol["min_cosine"] = p.min_cosine
+    return tol
 
 
 def apply_transforms(features: np.ndarray, transforms: list[str]) -> np.ndarray:
@@ -78,7 +101,8 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
     parity = lm.model.parity
     assert parity is not None
     inp = lm.model.input
-    tol = tolerance_for(lm, check)
+    tol = tolerance_for(lm, check, len(images))
+    mode = mode_for(lm, check)
     preprocess = {"height": inp.height, "width": inp.width, "color": inp.color,
                   "interpolation": inp.interpolation, "layout": "NCHW float32 0..255"}
     names = [p.name for p in images]
@@ -98,19 +122,28 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
         runner = check.make_runner(ctx)
         actual = run_batched(runner, batch, parity.batch_size,
                              lambda d, t: ctx.progress(f"{check.check} images", d, t))
-        result = compare(reference, actual, tol)
+        result = compare(reference, actual, tol, mode)
         record = {"backend": runner.describe(), "reference": "torch", "transforms": check.output_transforms,
                   **result.summary(),
                   "per_image": [{"image": names[r.index], "max_abs": float(f"{r.max_abs:.4g}"),
                                  "cosine": float(f"{r.cosine:.8f}"), "ok": r.ok} for r in result.images]}
         failed = None
         if not result.passed:
-            failed = f"parity {check.check}: " + "; ".join(result.failures) + "\n" + result.table(names)
-        ctx.log(f"{runner.describe().get('runtime', runner.name)}: max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
+            hint = result.suggestion_text()
+            from ..selfcheck import nonfinite_rows
+
+            own = [names[i] for i in nonfinite_rows(raw_ref)]
+            if own:  # the model's own behaviour: no backend can be blamed for it
+                hint = (f"PyTorch itself gives non-finite features on {own[0]}"
+                        + (f" and {len(own) - 1} more image(s)" if len(own) > 1 else "")
+                        + ": the model's own behaviour, not the backend's" + ("\n" + hint if hint else ""))
+            failed = (f"parity {check.check}: " + "; ".join(result.failures) + ("\n" + hint if hint else "")
+                      + "\n" + result.table(names))
+        ctx.log(f"{runner.describe().get('runtime', runner.name)}: {mode} max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
                 + (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}" if result.rank1 is not None else ""))
         # the verdict and tolerances travel with the features, so the report (which depends on this file)
         # is rebuilt when either changes
-        verdict = json.dumps({"tolerance": tol, "passed": result.passed}, sort_keys=True)
+        verdict = json.dumps({"tolerance": tol, "compare": mode, "passed": result.passed}, sort_keys=True)
         import numpy as np
 
         features = featurefile.dumps({"reference": reference, "actual": actual, "images": np.array(names),
@@ -123,7 +156,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
         if str(a.get("verdict")) != str(b.get("verdict")):
             return f"{features_file}: the check's verdict differs ({a.get('verdict')} vs {b.get('verdict')})"
         for key in ("reference", "actual"):
-            result = compare(a[key], b[key], tol)
+            result = compare(a[key], b[key], tol, mode)
             if not result.passed:
                 return f"{features_file}: {key} features moved: " + "; ".join(result.failures)
         return None
@@ -131,7 +164,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
     inputs = {f"image[{i:03d}]": p for i, p in enumerate(images)}
     deps = tuple(dict.fromkeys([load.stage] + [a.stage for a in check.artifacts]))
     return Stage(f"parity.{check.check}", run,
-                 params={"tolerance": tol, "preprocess": preprocess, "transforms": check.output_transforms,
+                 params={"tolerance": tol, "compare": mode, "preprocess": preprocess, "transforms": check.output_transforms,
                          "batch_size": parity.batch_size, "reference": parity.reference},
                  inputs=inputs, deps=deps, outputs=(features_file,), tools=("torch", "onnxruntime"),
                  available=check.available,

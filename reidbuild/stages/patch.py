@@ -8,11 +8,12 @@ stage and what follows it, never what comes before.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 from ..errors import PatchError
+from ..manifest import Input
 from ..pipeline import Stage, StageContext, StageResult
-from . import ArtifactRef
+from . import ArtifactRef, probe_for
 
 ENGINE_VERSION = 1  # bump when an op's meaning changes, so locked builds re-run their patch stages
 
@@ -26,12 +27,15 @@ def _pick(names: list[str], suffix: str, what: str) -> str:
 
 def patch_stage(fmt: Literal["onnx", "caffe"], patch_paths: list[Path], source: list[ArtifactRef],
                 out_files: list[str], name: str, *, dialect: Optional[str],
-                check_input_shape: tuple[int, int, int, int]) -> Stage:
+                check_input_shape: tuple[int, int, int, int], probe_input: Optional[Input] = None,
+                probe_paths: Optional[Sequence[Path]] = None) -> Stage:
     """The ``onnx.patch`` / ``caffe.patch`` stage.
 
     ``source``: the ONNX artifact, or the prototxt and caffemodel artifacts; ``out_files``: the same kinds
     of files to write. ``name`` is the model's name (for messages). ``check_input_shape`` (N, C, H, W) fills
     symbolic dims for the onnxruntime check run, and is the Caffe input shape when the prototxt lacks one.
+    ``probe_input``/``probe_paths``: how to load the ONNX check's images (the first parity images,
+    preprocessed like parity; person-like images of the check shape when absent).
     """
     from ..patches import spec
 
@@ -59,7 +63,8 @@ def patch_stage(fmt: Literal["onnx", "caffe"], patch_paths: list[Path], source: 
         if fmt == "onnx":
             src = source[0].file
             data = ctx.artifact(src).read_bytes()
-            out, records = papply.apply_onnx(data, patches, input_shape=shape, what=f"{name}: {src}")
+            images = probe_for(ctx, probe_input, probe_paths).images if probe_input is not None else None
+            out, records = papply.apply_onnx(data, patches, input_shape=shape, what=f"{name}: {src}", images=images)
             ctx.log(_summary(records))
             return StageResult({out_files[0]: out}, _record(records, patches))
         text = ctx.artifact(src_proto).read_text(encoding="utf-8")

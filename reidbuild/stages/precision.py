@@ -9,37 +9,37 @@ removing one re-runs the calibration; the record keeps the method, the images' d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
     import numpy as np
 
-from ..errors import ImageError, StageFailed
+    from ..selfcheck import Adapt
+
+from ..errors import ImageError
 from ..manifest import Input, OnnxInt8CpuTarget, TensorRTTarget
 from ..pipeline import Stage, StageContext, StageResult
-from . import ArtifactRef
+from . import ArtifactRef, probe_for
 
 TOOLS = ("onnx", "onnxruntime", "onnxconverter-common")
 
 
-def _smoke_test(data: bytes, inp: Input, what: str, adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
-    """The artifact loads in onnxruntime and gives finite features on two pseudo-random images."""
-    import numpy as np
-    import onnxruntime as ort
+def smoke_test(ctx: StageContext, data: bytes, source: bytes, inp: Input, what: str,
+               probe_paths: Optional[Sequence[Path]], adapt: Optional[Adapt] = None) -> dict[str, Any]:
+    """The reduced-precision ONNX loads in onnxruntime and is finite on the self-check images wherever the
+    fp32 ONNX it came from is; returns the lock's record of the check."""
+    from .. import selfcheck
 
-    from ..backends.onnxruntime import adapt_input, session_options
-
-    x = np.random.default_rng(0).uniform(0, 255, (2, 3, inp.height, inp.width)).astype(np.float32)
-    try:
-        sess = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
-        i = sess.get_inputs()[0]
-        shape = list(i.shape)
-        feed = x if not isinstance(shape[0], int) or shape[0] == 2 else x[: shape[0]]
-        out = sess.run(None, {i.name: adapt(feed) if adapt else adapt_input(feed, i.type, shape)})[0]
-    except Exception as exc:
-        raise StageFailed(f"{what}: onnxruntime cannot run the model: {str(exc).splitlines()[0]}") from None
-    if not np.all(np.isfinite(np.asarray(out, dtype=np.float64))):
-        raise StageFailed(f"{what}: onnxruntime gives non-finite outputs")
+    probe = probe_for(ctx, inp, probe_paths)
+    out = selfcheck.features(data, probe.images, what, adapt)
+    notes = selfcheck.judge_finite(out, probe, what, lambda: selfcheck.features(source, probe.images, what, adapt),
+                                   "the fp32 ONNX")
+    for note in notes:
+        ctx.log(note)
+    rec: dict[str, Any] = probe.describe()
+    if notes:
+        rec["model_nonfinite"] = notes
+    return rec
 
 
 class LazyImages:
@@ -73,19 +73,22 @@ def calibration_inputs(target: Union[TensorRTTarget, OnnxInt8CpuTarget], calib_p
 
 def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, calib_paths: list[Path],
                     input: Input,  # noqa: A002 (manifest's name)
-                    adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Optional[tuple[Stage, ArtifactRef]]:
-    """The stage that writes ``<name>.fp16.onnx`` / ``<name>.int8.onnx`` from ``source``; None for fp32."""
+                    adapt: Optional[Adapt] = None,
+                    probe_paths: Optional[Sequence[Path]] = None) -> Optional[tuple[Stage, ArtifactRef]]:
+    """The stage that writes ``<name>.fp16.onnx`` / ``<name>.int8.onnx`` from ``source``; None for fp32.
+    ``probe_paths``: the self-check images (the first parity images; person-like images when None)."""
     mode = target.mode
     if mode == "fp32":
         return None
     out = f"{name}.{mode}.onnx"
     if mode == "int8":
-        return int8_stage(target, source, name, calib_paths, input, adapt)
+        return int8_stage(target, source, name, calib_paths, input, adapt, probe_paths)
     from ..precision import fp16
 
     def run_fp16(ctx: StageContext) -> StageResult:
-        data, record = fp16.convert_fp16(ctx.artifact(source.file).read_bytes())
-        _smoke_test(data, input, out, adapt)
+        src = ctx.artifact(source.file).read_bytes()
+        data, record = fp16.convert_fp16(src)
+        record["check"] = smoke_test(ctx, data, src, input, out, probe_paths, adapt)
         return StageResult({out: data}, record)
 
     stage = Stage(f"precision.{mode}", run_fp16,
@@ -97,7 +100,7 @@ def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, cali
 
 def int8_stage(target: Union[TensorRTTarget, OnnxInt8CpuTarget], source: ArtifactRef, name: str,
                calib_paths: list[Path], input: Input,  # noqa: A002 (manifest's name)
-               adapt: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+               adapt: Optional[Adapt] = None, probe_paths: Optional[Sequence[Path]] = None,
                cpu: bool = False) -> tuple[Stage, ArtifactRef]:
     """``precision.int8`` (``<name>.int8.onnx``, symmetric Q/DQ for TensorRT) or, with ``cpu``,
     ``precision.int8_cpu`` (``<name>.int8_cpu.onnx``, uint8 activations and int32 biases: the graph
@@ -124,11 +127,12 @@ def int8_stage(target: Union[TensorRTTarget, OnnxInt8CpuTarget], source: Artifac
     def run_int8(ctx: StageContext) -> StageResult:
         images = LazyImages(paths, input)
         ctx.log(f"calibrating on {len(images)} image(s), method {cal.method}")
-        data, record = int8.quantize_int8(ctx.artifact(source.file).read_bytes(), images, method=cal.method,
+        src = ctx.artifact(source.file).read_bytes()
+        data, record = int8.quantize_int8(src, images, method=cal.method,
                                           percentile=cal.percentile, workdir=ctx.tempdir() / kind,
                                           log=ctx.log, adapt=adapt, cpu=cpu,
                                           progress=lambda d, t: ctx.progress("calibration images", d, t))
-        _smoke_test(data, input, out, adapt)
+        record["check"] = smoke_test(ctx, data, src, input, out, probe_paths, adapt)
         return StageResult({out: data}, record)
 
     graph = "uint8/int32 Q/DQ for onnxruntime's CPU kernels" if cpu else "Q/DQ"

@@ -143,10 +143,13 @@ def test_failing_report_names_the_minimal_tolerances(failing, tmp_path):
     assert {"rtol", "atol", "min_cosine"} <= set(values)
     # the named tolerances really are enough (each on its own), and the configured ones are not
     f = featurefile.load(root / "out" / "tiny.parity.onnxruntime.npz")
-    tol = lockfile.read(root / "m.lock").stages["parity.onnxruntime"].params["tolerance"]
-    assert not compare(f["reference"], f["actual"], tol).passed
-    assert compare(f["reference"], f["actual"], {**tol, "rtol": float(values["rtol"])}).passed
-    assert compare(f["reference"], f["actual"], {**tol, "atol": float(values["atol"])}).passed
+    params = lockfile.read(root / "m.lock").stages["parity.onnxruntime"].params
+    tol, mode = params["tolerance"], params["compare"]  # issue 10: the check's comparison mode
+    assert not compare(f["reference"], f["actual"], tol, mode).passed
+    # the fp32 default also checks cosine (issue 10), so the suggested min_cosine goes with either bound
+    cos = {"min_cosine": float(values["min_cosine"])}
+    assert compare(f["reference"], f["actual"], {**tol, **cos, "rtol": float(values["rtol"])}, mode).passed
+    assert compare(f["reference"], f["actual"], {**tol, **cos, "atol": float(values["atol"])}, mode).passed
 
 
 @needs_chromium
