@@ -66,7 +66,8 @@ def load_image(path: Path, height: int, width: int, color: str = "RGB",
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{path}: image is too large (decompression bomb guard)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(f"{path}: corrupt or truncated image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"{path}: corrupt or truncated image ({why})") from None
     resized = rgb.resize((width, height), getattr(Image.Resampling, _FILTERS[interpolation]))
     arr = np.asarray(resized, dtype=np.float32)
     if color == "BGR":

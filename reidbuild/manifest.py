@@ -149,7 +149,7 @@ class Parity(_Strict):
         "normalized", description="rtol/atol apply to the L2-normalised features (what re-id matching uses) "
         "or to the raw features.")
     rtol: float = Field(1e-3, ge=0)
-    atol: float = Field(1e-6, ge=0)
+    atol: float = Field(1e-5, ge=0)
     min_cosine: Optional[float] = Field(None, ge=-1, le=1, description="Default 0.9999 for fp32 checks.")
     backends: list[Literal["onnxruntime", "caffe", "tensorrt"]] = Field(min_length=1)
     overrides: dict[Literal["onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8", "onnx_int8_cpu"],

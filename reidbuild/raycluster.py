@@ -81,7 +81,8 @@ def run_stage(manifest: str, name: str, fingerprint: str, upstream: dict[str, st
                 store.push(stage, key, result, lambda ev: None)
             else:
                 store.push_blobs(result.outputs, None)
-        return {"outputs": {f: sha256_bytes(b) for f, b in result.outputs.items()}, "record": result.record, "failed": result.failed, "logs": logs,
+        return {"outputs": {f: sha256_bytes(b) for f, b in result.outputs.items()}, "record": result.record,
+                "failed": result.failed, "logs": logs,
                 "node": _node_id()}
     except errors.ReidbuildError as exc:
         return {"error": [type(exc).__name__, exc.message], "node": _node_id()}

@@ -9,8 +9,9 @@ a stat cache, not them).
 Racy entries (a file modified again within the file system's timestamp granularity of being hashed) are
 never trusted: a hashed entry counts only when the file's mtime is older than the moment it was hashed by more
 than the timestamp granularity, as git does for its index; such an entry is re-hashed once. An artifact this
-process wrote is recorded with the hash of the bytes it wrote and the stat taken after its atomic rename. The file is a cache: when it is missing, corrupt,
-a symlink or from another version it is ignored, and it is rewritten atomically.
+process wrote is recorded with the hash of the bytes it wrote and the stat taken after its atomic rename. The
+file is a cache: when it is missing, corrupt, a symlink or from another version it is ignored, and it is
+rewritten atomically.
 """
 from __future__ import annotations
 

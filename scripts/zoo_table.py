@@ -17,7 +17,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.zoo import corpus
+from tests.zoo import corpus  # noqa: E402 (the repository root goes on the path first)
 
 BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
 

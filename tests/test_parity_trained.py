@@ -4,7 +4,7 @@ The models come from fast-reid's ``build_model`` (the installed package), get tr
 (``reidbuild.testing.make_trained_like``: seeded weights, BatchNorm statistics measured on person-like images;
 features differ between images), are saved as fast-reid's Checkpointer does and built with ``reidbuild apply``.
 
-* bag-of-tricks R50 and AGW R50 pass the defaults (L2-normalised features, rtol 1e-3 / atol 1e-6, cosine,
+* bag-of-tricks R50 and AGW R50 pass the defaults (L2-normalised features, rtol 1e-3 / atol 1e-5, cosine,
   rank-1 and top-5) on onnxruntime and Caffe; ``compare: raw`` is recorded, and a failing check prints (and
   records) the smallest rtol/atol that would have passed, which then pass.
 * AGW R50 (non-local + GeM): the issue's case 2. fast-reid's own PyTorch model gives NaN on the old noise probe,
@@ -132,7 +132,7 @@ def test_defaults_pass_fp32_noise_on_trained_like_models(built, kind):
         rec = lock.stages[check]
         assert rec.status == "ok" and rec.record["passed"] is True, rec.record
         assert rec.record["compare"] == "normalized" and rec.params["compare"] == "normalized"
-        assert rec.params["tolerance"]["rtol"] == 1e-3 and rec.params["tolerance"]["atol"] == 1e-6
+        assert rec.params["tolerance"]["rtol"] == 1e-3 and rec.params["tolerance"]["atol"] == 1e-5
         assert rec.record["rank1_agreement"] == 1.0 and rec.record["min_cosine"] >= 0.9999
         assert "suggested" not in rec.record
     export = lock.stages["onnx.export"].record["check"]
@@ -264,7 +264,7 @@ def test_each_corruption_fails_parity_with_the_defaults(built, agw_cache, tmp_pa
     path.write_bytes(export_onnx(model.eval(), H, W, 17, True))
     result = _parity(m, path, swap, tmp_path, agw_cache)
     assert result.failed is not None and result.record["passed"] is False, result.record
-    assert "values outside rtol=0.001 atol=1e-06 (L2-normalised features)" in result.failed
+    assert "values outside rtol=0.001 atol=1e-05 (L2-normalised features)" in result.failed
     assert "smallest passing tolerance on the normalized features" in result.failed
     assert result.record["compare"] == "normalized" and result.record["suggested"]["atol"] > 1e-4
     assert result.record["min_cosine"] < 0.9999 or result.record["rank1_agreement"] < 1.0

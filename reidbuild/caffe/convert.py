@@ -740,7 +740,7 @@ class _Converter:
             pads = [0] * 4
         else:
             pads = []
-            for i, (d, k, st, dl) in enumerate(zip(spatial, kernel, strides, dilations)):
+            for d, k, st, dl in zip(spatial, kernel, strides, dilations):
                 o = -(-d // st)
                 total = max(0, (o - 1) * st + (k - 1) * dl + 1 - d)
                 small, big = total // 2, total - total // 2

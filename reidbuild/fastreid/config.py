@@ -292,7 +292,8 @@ def check_input_size(cfg: dict[str, Any], height: int, width: int, where: str) -
 
 
 def _resnet_rows(height: int) -> int:
-    """Rows of the map MGN's part branches cut: fast-reid's ResNet stem (7x7/2 conv, ceil 3x3/2 pool), then two stride-2 stages."""
+    """Rows of the map MGN's part branches cut: fast-reid's ResNet stem (7x7/2 conv, ceil 3x3/2 pool), then two
+    stride-2 stages."""
     rows = (height + 2 * 3 - 7) // 2 + 1
     rows = -(-(rows - 3) // 2) + 1
     for _ in range(2):

@@ -73,7 +73,7 @@ class CaffeNet:
     """A net under edit: header (name, inputs), layers in order, and the value each bottom reads."""
 
     def __init__(self, net: Any) -> None:
-        if "layers" in net.DESCRIPTOR.fields_by_name and len(getattr(net, "layers")):
+        if "layers" in net.DESCRIPTOR.fields_by_name and len(net.layers):
             raise NotExpressible("the net uses deprecated V1 'layers' entries; only 'layer' is supported")
         self.dialect = schema().dialect_of(net)
         self.header = type(net)()
@@ -400,7 +400,7 @@ def _remove_field(cn: CaffeNet, ctx: _OpCtx, op: spec.RemoveField) -> int:
         extra = f" ({unknown} in the {cn.dialect} dialect)" if unknown else ""
         raise ctx.fail(f"select {op.select.describe()} matched {len(found)} layer(s) but none sets "
                        f"{op.field}{extra}; add 'optional: true' to the op if that is expected")
-    for la, holder in having:
+    for _la, holder in having:
         holder.ClearField(parts[-1])
     return len(having)
 

@@ -235,7 +235,6 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
     if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         raise StageFailed(f"int8: onnxruntime {onnxruntime.__version__} is too old: quantize_static needs "
                           "calibration_cache_path (onnxruntime >= 1.30 is known to work)")
-    say = log or (lambda _m: None)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     try:

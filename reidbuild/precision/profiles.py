@@ -1,8 +1,10 @@
 """Default parity tolerances per check; the manifest's parity section and ``parity.overrides`` refine them.
 
 fp32 artifacts (onnxruntime, caffe, an fp32 TensorRT engine) must match PyTorch elementwise: rtol 1e-3,
-atol 1e-6 on the L2-normalised features (``parity.compare: normalized``, the old procedure's
-``assert_allclose`` on fast-reid's saved features), plus cosine >= 0.9999 and full rank-1 / top-5 agreement
+atol 1e-5 on the L2-normalised features (``parity.compare: normalized``, what the old procedure's
+``assert_allclose`` compared; its atol 1e-6 is below the float32 noise of deep IBN models: fast-reid-built
+R101-ibn models with trained-like weights put single near-zero elements 2e-6 to 5e-6 off, while every
+corruption the tests make needs an atol above 1e-4 to pass), plus cosine >= 0.9999 and full rank-1 / top-5 agreement
 (float32 noise gives cosine 1 - 1e-10 and moves no neighbour beyond a tie; any real error costs far more).
 Reduced precision cannot match elementwise, so fp16/int8 are judged on what retrieval uses: per-image cosine
 and neighbour agreement (rank-1 agreement and top-5 overlap, the parity images serving as query and gallery).

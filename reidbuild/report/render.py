@@ -30,7 +30,8 @@ th{background:#f4f6f7}.pass{color:#1e8449;font-weight:bold}.fail{color:#c0392b;f
 .verdict{font-size:1.3em;padding:.3em .8em;display:inline-block;border-radius:4px}
 .verdict.pass{background:#d5f5e3}.verdict.fail{background:#fadbd8}
 .charts img{max-width:100%;margin:.3em .6em .3em 0;vertical-align:top}
-.ret td{vertical-align:middle}.thumb{display:inline-block;margin:1px;border:3px solid transparent;text-align:center;font-size:.7em}
+.ret td{vertical-align:middle}
+.thumb{display:inline-block;margin:1px;border:3px solid transparent;text-align:center;font-size:.7em}
 .thumb img{display:block}.thumb.differs{border-color:#c0392b}.thumb.query{border-color:#2e86c1}
 code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}
 @media print{body{max-width:none;margin:0}h2{page-break-after:avoid}section.check{page-break-inside:avoid}}

@@ -139,8 +139,11 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
                         + ": the model's own behaviour, not the backend's" + ("\n" + hint if hint else ""))
             failed = (f"parity {check.check}: " + "; ".join(result.failures) + ("\n" + hint if hint else "")
                       + "\n" + result.table(names))
-        ctx.log(f"{runner.describe().get('runtime', runner.name)}: {mode} max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, min_cosine {result.min_cosine:.8f}"
-                + (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}" if result.rank1 is not None else ""))
+        runtime = runner.describe().get("runtime", runner.name)
+        retrieval = (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}"
+                     if result.rank1 is not None else "")
+        ctx.log(f"{runtime}: {mode} max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, "
+                f"min_cosine {result.min_cosine:.8f}" + retrieval)
         # the verdict and tolerances travel with the features, so the report (which depends on this file)
         # is rebuilt when either changes
         verdict = json.dumps({"tolerance": tol, "compare": mode, "passed": result.passed}, sort_keys=True)

@@ -37,7 +37,8 @@ def available() -> Optional[str]:
         trt = import_tensorrt()
         version = str(trt.__version__)
     except Exception as exc:  # ImportError, or a placeholder/broken install failing at import
-        detail = "" if isinstance(exc, ImportError) else f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        detail = "" if isinstance(exc, ImportError) else f" ({type(exc).__name__}: {first})"
         return NOT_INSTALLED + detail
     try:
         major = int(version.split(".")[0])

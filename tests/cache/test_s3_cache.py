@@ -44,7 +44,7 @@ class S3Endpoint:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log.read_text()[-500:]}")
+                    raise RuntimeError(f"moto server did not start: {log.read_text()[-500:]}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

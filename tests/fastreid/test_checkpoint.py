@@ -311,7 +311,8 @@ def test_init_random_is_bit_identical_in_a_new_process(cfg, minimal_yaml) -> Non
     script = (
         "import hashlib, torch\n"
         "from reidbuild.fastreid import build_model, init_random, load_config\n"
-        f"m = build_model(load_config({str(minimal_yaml)!r}, {dict(OPTS, **{'MODEL.BACKBONE.DEPTH': '18x', 'MODEL.BACKBONE.FEAT_DIM': 512})!r}))\n"
+        f"m = build_model(load_config({str(minimal_yaml)!r}, "
+        f"{dict(OPTS, **{'MODEL.BACKBONE.DEPTH': '18x', 'MODEL.BACKBONE.FEAT_DIM': 512})!r}))\n"
         "init_random(m, 5)\n"
         "h = hashlib.sha256()\n"
         "for k, v in m.state_dict().items():\n"

@@ -12,7 +12,7 @@ def test_profiles_have_every_key_and_the_issue_values():
     fp32 = default_tolerance("tensorrt")
     # issue 10: fp32 keeps the old procedure's rtol/atol (applied to L2-normalised features by the parity stage)
     # and also checks cosine and full rank-1/top-5 agreement
-    assert (fp32["rtol"], fp32["atol"], fp32["min_cosine"]) == (1e-3, 1e-6, 0.9999)
+    assert (fp32["rtol"], fp32["atol"], fp32["min_cosine"]) == (1e-3, 1e-5, 0.9999)
     assert (fp32["min_rank1"], fp32["topk"], fp32["min_topk_overlap"]) == (1.0, 5, 1.0)
     fp16, int8 = default_tolerance("onnx_fp16"), default_tolerance("onnx_int8")
     assert fp16["min_cosine"] == 0.999 and int8["min_cosine"] == 0.99

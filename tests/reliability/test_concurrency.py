@@ -15,7 +15,8 @@ from tests.reliability._util import (ARTIFACTS, stable_lock, START_RE, Child, as
 def _state(project) -> dict:
     """Every file in the output folder and the lock (the run lock's pid file and the stat cache aside)."""
     def skip(p):
-        return p.name in (".reidbuild.pid", ".reidbuild-hashes.json") or not (p in (project.root / "m.lock", project.out) or project.out in p.parents)
+        return p.name in (".reidbuild.pid", ".reidbuild-hashes.json") or not (
+            p in (project.root / "m.lock", project.out) or project.out in p.parents)
 
     return snapshot(project.root, skip=skip)
 
