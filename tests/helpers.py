@@ -114,3 +114,10 @@ def apply_in_fresh_interpreter(manifest: Path) -> tuple[int, str, str, list[str]
                        cwd=manifest.parent)
     code, heavy = json.loads(r.stdout.strip().splitlines()[-1])
     return code, r.stdout, r.stderr, heavy
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every visible file below ``folder`` with its bytes (the stat cache and run lock, dot files, left out):
+    two builds of the same thing must give equal trees."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}

@@ -12,17 +12,12 @@ from click.testing import CliRunner
 from reidbuild.cache import open_store
 from reidbuild.cli import main
 from reidbuild.pipeline import Stage, StageResult, run
-from tests.helpers import tiny_manifest
+from tests.helpers import tiny_manifest, tree
 
 
 def cli(*args: str) -> tuple[int, str, str]:
     r = CliRunner().invoke(main, list(args), catch_exceptions=False)
     return r.exit_code, r.stdout, r.stderr
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}
 
 
 TRT = """\

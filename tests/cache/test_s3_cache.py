@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from reidbuild.cli import main
 from reidbuild.fleet import ApplyOptions, apply_manifest
-from tests.helpers import stable_lock, tiny_manifest
+from tests.helpers import stable_lock, tiny_manifest, tree
 
 pytest.importorskip("s3fs", reason="s3fs is the S3 backend of the cache (pip install reidbuild[s3])")
 pytest.importorskip("moto.server", reason="moto[server] provides the local S3 endpoint for this test")
@@ -74,11 +74,6 @@ def s3(tmp_path, monkeypatch):
 def cli(*args: str) -> tuple[int, str, str]:
     r = CliRunner().invoke(main, list(args), catch_exceptions=False)
     return r.exit_code, r.stdout, r.stderr
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}
 
 
 URL = "s3://reid-cache/team"
