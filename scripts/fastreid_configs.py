@@ -8,7 +8,7 @@ dataset it trains on and that dataset's number of training identities (the class
 trainer sets). The tests rebuild each config as ``get_cfg()`` + those settings, so fast-reid's code, not a
 copy of its files, decides every other value.
 
-    python scripts/fastreid_configs.py /path/to/fast-reid [--out test_data/fastreid_configs]
+    python scripts/fastreid_configs.py /path/to/fast-reid [--out tests/zoo/fastreid_configs]
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def write_corpus(configs: Path, commit: str, out: Path) -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("repo", type=Path, help="a fast-reid checkout or bare git directory")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "test_data" / "fastreid_configs")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "zoo" / "fastreid_configs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         configs, commit = _configs_tree(args.repo, Path(tmp))

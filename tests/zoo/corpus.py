@@ -1,6 +1,6 @@
 """fast-reid's shipped configs as checkpoints made by fast-reid's own code, and what reidbuild makes of them.
 
-For one config of the corpus (test_data/fastreid_configs, written by scripts/fastreid_configs.py):
+For one config of the corpus (tests/zoo/fastreid_configs, written by scripts/fastreid_configs.py):
 
 1. fast-reid's ``get_cfg()`` + the config's settings + the dataset's identity count (what fast-reid's trainer
    sets) give the training config; fast-reid's ``build_model`` builds the model from it on the CPU;
@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-CORPUS = REPO / "test_data" / "fastreid_configs"
+CORPUS = REPO / "tests" / "zoo" / "fastreid_configs"
 
 BN_IMAGES = 12      # person-like images the BatchNorm statistics are measured on
 PARITY_IMAGES = 4   # images the artifacts are compared on (other images than the BN ones)

@@ -1,7 +1,7 @@
 """Every model config fast-reid ships, as a checkpoint fast-reid's own training code would leave, through
 ``reidbuild apply`` (ONNX + Caffe, parity on both), and the artifacts compared with fast-reid's eval output.
 
-One test per config in test_data/fastreid_configs (43). A config whose architecture reidbuild does not build
+One test per config in tests/zoo/fastreid_configs (43). A config whose architecture reidbuild does not build
 fails here; it is never skipped. With REIDBUILD_ZOO_RESULTS=DIR each test also writes its measurements to
 DIR/<dataset>/<config>.json, which `make zoo-table` renders into the README.
 """
