@@ -12,7 +12,7 @@ not depend on the features' length, so they are the same in both modes. On failu
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # imported where used: planning a build (a no-op apply) must not pay for numpy
@@ -256,10 +256,6 @@ def compare(reference: np.ndarray, actual: np.ndarray, tol: dict[str, Any], mode
                      "min_cosine": float(np.floor(worst_cos * 1e6) / 1e6)}  # the lowest cosine seen, rounded down
     return Comparison(images, float(np.nan_to_num(diff.max(), nan=np.inf)), float(np.nan_to_num(rel.max(), nan=np.inf)),
                       worst_cos, rank1, overlap, topk, tol, failures, mode, suggested)
-
-
-def as_dict(c: Comparison) -> dict[str, Any]:
-    return asdict(c)
 
 
 def nearest_neighbours(feats: np.ndarray, k: int) -> np.ndarray:
