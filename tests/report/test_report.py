@@ -62,8 +62,14 @@ def failing(tmp_path_factory):
     return root, m
 
 
-needs_chromium = pytest.mark.skipif(browser.chromium() is None,
-                                    reason="Debian's chromium is not installed (make test installs it)")
+@pytest.fixture
+def chromium_present():
+    """The browser is part of the test set-up (`make test` installs it): missing, these tests fail, not skip."""
+    if browser.chromium() is None:
+        pytest.fail("Debian's chromium is not installed: run `make test` (it installs it) or apt-get install chromium")
+
+
+needs_chromium = pytest.mark.usefixtures("chromium_present")
 
 
 def test_report_is_a_locked_artifact_rebuilt_only_when_results_change(passing):
