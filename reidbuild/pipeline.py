@@ -11,7 +11,6 @@ import importlib.metadata
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +100,8 @@ class StageContext:
     def tempdir(self) -> Path:
         """A scratch folder inside the output folder, removed after the run (success or failure)."""
         if "_tmp" not in self.cache:
+            import tempfile
+
             # the PID in the name lets the next run remove it if this one is killed
             self.cache["_tmp"] = Path(tempfile.mkdtemp(prefix=f".tmp-work-{os.getpid()}-", dir=self.output_dir))
         return self.cache["_tmp"]
