@@ -121,17 +121,28 @@ class StagePlan:
         return bool(self.reasons)
 
 
+# set by ``run`` for its duration: each version lookup scans every sys.path folder (about 1 ms), and a run asks
+# for the same few tools twice per stage; outside a run (verify, plan) every call looks them up afresh
+_run_versions: Optional[dict[str, str]] = None
+
+
 def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
+    memo = _run_versions if _run_versions is not None else {}
     out: dict[str, str] = {}
     for n in names:
-        if n == "python":
-            out[n] = "%d.%d.%d" % sys.version_info[:3]
-            continue
-        try:
-            out[n] = importlib.metadata.version(n)
-        except importlib.metadata.PackageNotFoundError:
-            out[n] = "absent"
+        if n not in memo:
+            memo[n] = _tool_version(n)
+        out[n] = memo[n]
     return out
+
+
+def _tool_version(name: str) -> str:
+    if name == "python":
+        return "%d.%d.%d" % sys.version_info[:3]
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def tool_drift(rec: "lockfile.StageRecord") -> str:
@@ -409,7 +420,9 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
     With a ``store``, a stale stage whose action the shared cache holds is restored instead of run, and
     each stage that ran is pushed after its commit; ``runner`` decides where stages run (default: here).
     """
+    global _run_versions
     runner = runner or LocalRunner()
+    _run_versions = {}
     ensure_dir(output_dir)
     clean_temp_files(output_dir)
     clean_temp_files(lock_path.parent)
@@ -545,6 +558,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
             else:
                 emit(Event("done", stage.name, "", seconds))
     finally:
+        _run_versions = None
         gc.unfreeze()  # objects frozen by release_memory are collectable again
         tmp = cache.get("_tmp")
         if tmp is not None:
@@ -552,7 +566,7 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
         if isinstance(hashes, StatCache):
             hashes.save()
     if not locked:
-        lockfile.write(lock_path, new)
+        lockfile.write(lock_path, new, unchanged_from=old)
     if unavailable is not None:
         raise unavailable
     if refused:
