@@ -12,8 +12,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from ..errors import StageFailed, Unavailable
-from ..tensorrt.build import available
-from ..tensorrt.env import _ok, engine_env, import_cudart, import_tensorrt
+from ..tensorrt.env import available, cuda_result, engine_env, import_cudart, import_tensorrt
 
 __all__ = ["TensorRTRunner", "available"]
 
@@ -78,7 +77,7 @@ class TensorRTRunner:
     # -------------------------------------------------------------------------------------- helpers
     def _call(self, result: Any, what: str) -> Any:
         try:
-            return _ok(self.cudart, result, what)
+            return cuda_result(result, what)
         except RuntimeError as exc:
             raise StageFailed(f"CUDA: {exc}") from None
 

@@ -16,6 +16,7 @@ RECIPE = "trt-strongly-typed-v1"
 
 def engine_stage(target: TensorRTTarget, source: ArtifactRef, name: str) -> Stage:
     from ..tensorrt import build as trt_build
+    from ..tensorrt import env as trt_env
 
     engine_file, cache_file = f"{name}.engine", f"{name}.timing.cache"
     settings = trt_build.EngineSettings(batch_size=target.batch_size, workspace_mib=target.workspace_mib,
@@ -39,7 +40,7 @@ def engine_stage(target: TensorRTTarget, source: ArtifactRef, name: str) -> Stag
                                                                     "max": target.batch_size},
                 "recipe": RECIPE, "source": source.file},
         deps=(source.stage,), outputs=(engine_file, cache_file), tools=("tensorrt",),
-        available=trt_build.available, reproducible=False, environment=_engine_env,
+        available=trt_env.available, reproducible=False, environment=_engine_env,
         placement={"gpu": target.gpu} if target.gpu else {},
         description=f"build the TensorRT {target.mode} engine (strongly typed)")
 

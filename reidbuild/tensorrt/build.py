@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ..errors import NotExpressible, StageFailed
-from .env import NOT_INSTALLED, engine_env, engine_env_mismatch, import_cudart, import_tensorrt  # noqa: F401
-
-MIN_TENSORRT = 10
+from .env import engine_env, import_tensorrt
 
 
 @dataclass(frozen=True)
@@ -29,34 +27,6 @@ class EngineBuild:
     engine: bytes
     timing_cache: bytes
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def available() -> Optional[str]:
-    """Why engines cannot be built or run on this machine, or None."""
-    try:
-        trt = import_tensorrt()
-        version = str(trt.__version__)
-    except Exception as exc:  # ImportError, or a placeholder/broken install failing at import
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        detail = "" if isinstance(exc, ImportError) else f" ({type(exc).__name__}: {first})"
-        return NOT_INSTALLED + detail
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        major = 0
-    if major < MIN_TENSORRT:
-        return f"TensorRT {version} is too old: strongly typed builds need TensorRT {MIN_TENSORRT}+"
-    try:
-        cudart = import_cudart()
-    except ImportError:
-        return "cuda-python is not installed (pip install cuda-python) and it is needed for engine buffers"
-    try:
-        err, count = cudart.cudaGetDeviceCount()
-    except Exception as exc:
-        return f"no CUDA GPU (cudaGetDeviceCount raised {type(exc).__name__})"
-    if int(err) != 0 or int(count) < 1:
-        return f"no CUDA GPU ({getattr(err, 'name', err)})" if int(err) != 0 else "no CUDA GPU"
-    return None
 
 
 class _Log:
