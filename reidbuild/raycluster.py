@@ -112,7 +112,8 @@ class RayRunner:
             return stage.available() if stage.available else None
         answer = self.ray.get(self._probe.options(**self._options(stage)).remote(self.manifest, stage.name))
         self.placement[stage.name] = answer["node"]
-        return answer["unavailable"]
+        why: Optional[str] = answer["unavailable"]
+        return why
 
     def execute(self, stage: pipeline.Stage, fingerprint: str, ctx: pipeline.StageContext,
                 committed: dict[str, dict[str, Any]]) -> pipeline.StageResult:
@@ -145,12 +146,13 @@ def run_on_ray(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], 
     if not opts.cache:
         raise InputError("--ray needs --cache URL (or REIDBUILD_CACHE): a cache every node can reach carries "
                          "the artifacts between nodes")
+    cache_url = opts.cache
     ray = import_ray()
     ray.init(address=None if address == "local" else address, logging_level="WARNING",
              log_to_driver=False, ignore_reinit_error=True)
     try:
         def one(p: Path) -> ManifestResult:
-            runner = RayRunner(ray, p, _ray_store(opts.cache))
+            runner = RayRunner(ray, p, _ray_store(cache_url))
             result = apply_one_safely(p, opts, emit_for(label(p)), runner)
             result.placement = dict(runner.placement)
             return result

@@ -22,6 +22,9 @@ from .head import EmbeddingHead
 class Baseline(nn.Module):
     """Backbone + EmbeddingHead; float32 [N, 3, H, W] RGB in 0..255 -> float32 [N, D] features."""
 
+    pixel_mean: torch.Tensor  # buffers registered in __init__
+    pixel_std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, heads: EmbeddingHead, pixel_mean: list[float],
                  pixel_std: list[float], num_classes: int = 0) -> None:
         super().__init__()
