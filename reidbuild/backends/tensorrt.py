@@ -133,7 +133,7 @@ class TensorRTRunner:
     def describe(self) -> dict[str, Any]:
         try:
             env = engine_env(self.trt, self.cudart, self.device)
-        except Exception:  # describe() must not fail a parity record
+        except Exception:  # noqa: BLE001 - describe() must not fail a parity record
             env = {"tensorrt": str(getattr(self.trt, "__version__", "?"))}
         return {"runtime": "tensorrt", "version": env.get("tensorrt"), "device": env.get("gpu", "cuda"),
                 "environment": env, "max_batch": self.max_batch}

@@ -109,12 +109,6 @@ _SCALARS = (str, int, float, bool, type(None))
 _MAX_NODES = 100_000  # values per file; YAML aliases can otherwise expand exponentially
 
 
-def defaults() -> dict[str, Any]:
-    """A fresh copy of the defaults reidbuild fills in (fast-reid's values, tuples as lists)."""
-    out: dict[str, Any] = plain(copy.deepcopy(_DEFAULTS))
-    return out
-
-
 def supported() -> dict[str, list[str]]:
     """What a config may select; used in error messages and by ``reidbuild`` to describe itself."""
     return {

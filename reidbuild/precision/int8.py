@@ -254,7 +254,7 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
                 calibration_cache_path=str(cal.ranges_path))
     except StageFailed:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"int8: onnxruntime quantisation failed: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
@@ -294,7 +294,7 @@ def _prepare(model_bytes: bytes, n_images: int, workdir: Path, float_stem: bool)
 
     try:
         model = onnx.load_from_string(model_bytes)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"int8: cannot read the source ONNX: {str(exc).splitlines()[0]}") from None
     ensure_node_names(model)
     _prologue, epilogue = prologue_epilogue(model)
@@ -338,7 +338,7 @@ def _calibrate(src: _Source, images: Any, method: str, percentile: float, workdi
     elif method == "percentile":
         cal_opts.update(num_bins=PERCENTILE_BINS, percentile=float(percentile))
     if adapt is None:  # no graph-patch knowledge given: infer the feed from the input's declared type
-        adapt = lambda b: adapt_input(b, src.in_type, src.shape)  # noqa: E731
+        adapt = lambda b: adapt_input(b, src.in_type, src.shape)
     calibrator = create_calibrator(src.path, src.ops, augmented_model_path=str(workdir / "augmented.onnx"),
                                    calibrate_method=_calibration_method(method), extra_options=cal_opts)
     if method == "entropy":

@@ -39,7 +39,7 @@ class _Log:
                 trt.ILogger.__init__(self)
                 self.errors: list[str] = []
 
-            def log(self, severity: Any, msg: str) -> None:  # noqa: ANN001
+            def log(self, severity: Any, msg: str) -> None:
                 if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
                     self.errors.append(str(msg))
                     if sink:
@@ -140,7 +140,7 @@ def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: O
     if env is None:
         try:
             env = engine_env(trt)
-        except Exception as exc:  # a CUDA query failing after a successful build: say so, don't crash
+        except Exception as exc:  # noqa: BLE001 - a CUDA query failing after a successful build: say so, don't crash
             raise StageFailed(f"cannot read the CUDA/GPU environment to record with the engine: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))

@@ -14,7 +14,7 @@ NOT_INSTALLED = ("TensorRT is not installed (no importable `tensorrt` module; in
 
 
 def import_tensorrt() -> Any:
-    import tensorrt  # noqa: PLC0415 (optional dependency)
+    import tensorrt  # optional dependency
 
     return tensorrt
 
@@ -22,11 +22,11 @@ def import_tensorrt() -> Any:
 def import_cudart() -> Any:
     """cuda-python's runtime bindings (``cuda.bindings.runtime``; older releases: ``cuda.cudart``)."""
     try:
-        from cuda.bindings import runtime  # noqa: PLC0415
+        from cuda.bindings import runtime
 
         return runtime
     except ImportError:
-        from cuda import cudart  # noqa: PLC0415
+        from cuda import cudart
 
         return cudart
 
@@ -36,7 +36,7 @@ def available() -> Optional[str]:
     try:
         trt = import_tensorrt()
         version = str(trt.__version__)
-    except Exception as exc:  # ImportError, or a placeholder/broken install failing at import
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a placeholder/broken install failing at import
         first = str(exc).splitlines()[0] if str(exc) else ""
         detail = "" if isinstance(exc, ImportError) else f" ({type(exc).__name__}: {first})"
         return NOT_INSTALLED + detail
@@ -52,7 +52,7 @@ def available() -> Optional[str]:
         return "cuda-python is not installed (pip install cuda-python) and it is needed for engine buffers"
     try:
         err, count = cudart.cudaGetDeviceCount()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - cuda-python raises its own errors
         return f"no CUDA GPU (cudaGetDeviceCount raised {type(exc).__name__})"
     if int(err) != 0 or int(count) < 1:
         return f"no CUDA GPU ({getattr(err, 'name', err)})" if int(err) != 0 else "no CUDA GPU"
@@ -109,7 +109,7 @@ def engine_env_mismatch(recorded: dict[str, Any], current: Optional[dict[str, An
             return f"the engine was built with {_describe(env)}; this machine cannot check it: {why}"
         try:
             current = engine_env()
-        except Exception as exc:  # a broken CUDA setup is reported, not raised
+        except Exception as exc:  # noqa: BLE001 - a broken CUDA setup is reported, not raised
             return f"the engine was built with {_describe(env)}; this machine's CUDA setup fails: {exc}"
     diffs = []
     if str(env.get("tensorrt")) != str(current.get("tensorrt")):
