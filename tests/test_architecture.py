@@ -25,7 +25,9 @@ PACKAGE = REPO / "reidbuild"
 MAX_FUNCTION_LINES = 80
 
 # "module:qualified.function" -> why it may be longer (data tables only); keep short and explain each
-LONG_FUNCTIONS_ALLOWED: dict[str, str] = {}
+LONG_FUNCTIONS_ALLOWED: dict[str, str] = {
+    "reidbuild.caffe.schema:_fields_common": "caffe.proto's message fields, one tuple per line (a data table)",
+}
 
 FORBIDDEN = re.compile(r'endswith\("\.engine"\)|_plain|BACKENDS\b')
 
