@@ -85,30 +85,55 @@ def _module_targets(src: Source, node: ast.stmt) -> list[str]:
     return []
 
 
-def test_no_private_names_imported_across_modules():
+def _private_uses(src: Source, modules: set[str]) -> list[str]:
+    """``from m import _x`` (m another reidbuild module) and ``alias._x`` on a name bound to one of ``modules``."""
+    where = src.path.relative_to(REPO) if src.path.is_relative_to(REPO) else src.path
     offenders = []
-    for src in SOURCES.values():
-        module_aliases: set[str] = set()  # local names bound to reidbuild modules anywhere in the file
-        for node in ast.walk(src.tree):
-            if isinstance(node, ast.ImportFrom):
-                mod = _resolve(src, node)
-                for a in node.names:
-                    if f"{mod}.{a.name}" in SOURCES:
-                        module_aliases.add(a.asname or a.name)
-                    elif _is_private(a.name) and mod != src.name and mod.startswith("reidbuild"):
-                        offenders.append(f"{src.path.relative_to(REPO)}:{node.lineno}: from {mod} import {a.name}")
-            elif isinstance(node, ast.Import):
-                for a in node.names:
-                    if a.name in SOURCES and a.asname:
-                        module_aliases.add(a.asname)
-        for node in ast.walk(src.tree):
-            if (isinstance(node, ast.Attribute) and _is_private(node.attr) and isinstance(node.value, ast.Name)
-                    and node.value.id in module_aliases):
-                offenders.append(f"{src.path.relative_to(REPO)}:{node.lineno}: {node.value.id}.{node.attr}")
-            elif isinstance(node, ast.Attribute) and _is_private(node.attr):
-                dotted = ast.unparse(node.value)
-                if dotted in SOURCES and dotted != src.name:  # reidbuild.x.y._z after `import reidbuild.x.y`
-                    offenders.append(f"{src.path.relative_to(REPO)}:{node.lineno}: {dotted}.{node.attr}")
+    module_aliases: set[str] = set()  # local names bound to reidbuild modules anywhere in the file
+    for node in ast.walk(src.tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = _resolve(src, node)
+            for a in node.names:
+                if f"{mod}.{a.name}" in modules:
+                    module_aliases.add(a.asname or a.name)
+                elif _is_private(a.name) and mod != src.name and mod.startswith("reidbuild"):
+                    offenders.append(f"{where}:{node.lineno}: from {mod} import {a.name}")
+        elif isinstance(node, ast.Import):
+            module_aliases.update(a.asname for a in node.names if a.name in modules and a.asname)
+    for node in ast.walk(src.tree):
+        if not (isinstance(node, ast.Attribute) and _is_private(node.attr)):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in module_aliases:
+            offenders.append(f"{where}:{node.lineno}: {node.value.id}.{node.attr}")
+        elif ast.unparse(node.value) in modules and ast.unparse(node.value) != src.name:
+            offenders.append(f"{where}:{node.lineno}: {ast.unparse(node.value)}.{node.attr}")  # after `import a.b`
+    return offenders
+
+
+def test_private_name_finder_sees_both_forms():
+    """The checker itself, on a made-up module: a private import, a private attribute of an imported module
+    (inside a function too), and what is allowed (own names, dunders, attributes of non-modules)."""
+    code = """
+from .lockfile import _plain, read
+from . import lockfile as lf
+import reidbuild.pipeline
+
+def f(x):
+    from .tensorrt.env import _ok
+    return lf._plain(x), reidbuild.pipeline._private, x._fine, lf.__name__, _own()
+
+def _own():
+    return 1
+"""
+    src = Source("reidbuild.fake", Path("/nowhere/reidbuild/fake.py"), ast.parse(code))
+    found = _private_uses(src, {"reidbuild.lockfile", "reidbuild.pipeline", "reidbuild.tensorrt.env"})
+    assert sorted(f.split(": ", 1)[1] for f in found) == [
+        "from reidbuild.lockfile import _plain", "from reidbuild.tensorrt.env import _ok", "lf._plain",
+        "reidbuild.pipeline._private"]
+
+
+def test_no_private_names_imported_across_modules():
+    offenders = [o for src in SOURCES.values() for o in _private_uses(src, set(SOURCES))]
     assert not offenders, "private names used across modules:\n" + "\n".join(offenders)
 
 
@@ -205,16 +230,33 @@ def _functions(tree: ast.AST, prefix: str = ""):
             yield from _functions(node, prefix)
 
 
+def _long_functions(src: Source) -> dict[str, str]:
+    """``module:qualname`` -> where and how long, for each function over MAX_FUNCTION_LINES."""
+    out = {}
+    for qual, node in _functions(src.tree):
+        n = node.end_lineno - node.lineno + 1
+        if n > MAX_FUNCTION_LINES:
+            where = src.path.relative_to(REPO) if src.path.is_relative_to(REPO) else src.path
+            out[f"{src.name}:{qual}"] = f"{where}:{node.lineno} {qual}: {n} lines"
+    return out
+
+
+def test_long_function_finder_measures_methods_and_nested_functions():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES - 1))  # + the def line: exactly the limit
+    code = f"def ok():\n{body}\n\nclass C:\n    def long(self):\n    {body.replace(chr(10), chr(10) + '    ')}\n" \
+           f"        def inner():\n            pass\n"
+    found = _long_functions(Source("reidbuild.fake", Path("fake.py"), ast.parse(code)))
+    assert list(found) == ["reidbuild.fake:C.long"] and found["reidbuild.fake:C.long"].endswith(
+        f"{MAX_FUNCTION_LINES + 2} lines")
+
+
 def test_no_long_functions():
-    long = {}
+    long: dict[str, str] = {}
     for src in SOURCES.values():
-        for qual, node in _functions(src.tree):
-            n = node.end_lineno - node.lineno + 1
-            if n > MAX_FUNCTION_LINES:
-                long[f"{src.name}:{qual}"] = f"{src.path.relative_to(REPO)}:{node.lineno} {qual}: {n} lines"
+        long.update(_long_functions(src))
     stale = sorted(set(LONG_FUNCTIONS_ALLOWED) - set(long))
     assert not stale, f"allowed long functions that are gone or short now (drop them from the list): {stale}"
-    offenders = [v for k, v in sorted(long.items()) if k not in LONG_FUNCTIONS_ALLOWED]
+    offenders = [v for name, v in sorted(long.items()) if name not in LONG_FUNCTIONS_ALLOWED]
     assert not offenders, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(offenders)
 
 
