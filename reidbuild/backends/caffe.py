@@ -29,7 +29,7 @@ def _quiet_glog() -> None:
 
 def _import_caffe() -> Any:
     _quiet_glog()
-    import caffe  # type: ignore[import-not-found]
+    import caffe
 
     return caffe
 
@@ -51,7 +51,7 @@ def available(runtime: str = "auto") -> Optional[str]:
             return _HOW["pycaffe"]
         return None
     try:
-        import cv2  # type: ignore[import-not-found]
+        import cv2
     except Exception:  # noqa: BLE001 - a broken OpenCV install fails in any way
         return _HOW["opencv"]
     major = int(str(cv2.__version__).split(".")[0])
@@ -89,8 +89,7 @@ def _net_facts(prototxt: Path) -> tuple[tuple[int, ...], str, bool]:
         m = _INPUT_DIMS.search(text)
         if m is None:
             raise StageFailed(f"{prototxt.name}: no Input layer with a shape found")
-        shape = tuple(int(d) for d in re.findall(r"\d+", m.group(1)))
-        return shape, "", False
+        return tuple(int(d) for d in re.findall(r"\d+", m.group(1))), "", False
     shape: tuple[int, ...] = ()
     out_layer = ""
     agnostic = True
@@ -195,7 +194,7 @@ class CaffeRunner:
 def _pycaffe_field13() -> str:
     """"ceil_mode" (fork bool), "round_mode" (BVLC master enum) or "" (stock BVLC 1.0) for this pycaffe."""
     try:
-        from caffe.proto import caffe_pb2  # type: ignore[import-not-found]
+        from caffe.proto import caffe_pb2
     except Exception:  # noqa: BLE001 - a broken pycaffe install fails in any way
         return ""
     f = caffe_pb2.PoolingParameter.DESCRIPTOR.fields_by_number.get(13)
@@ -210,7 +209,7 @@ def _precheck_pycaffe(prototxt: Path, caffemodel: Path, field13: str) -> None:
         raise StageFailed(f"{prototxt.name} uses the ceil_mode dialect but this pycaffe is {kind}: "
                           "run it with runtime opencv, or convert with dialect bvlc")
     try:
-        from caffe.proto import caffe_pb2  # type: ignore[import-not-found]
+        from caffe.proto import caffe_pb2
         from google.protobuf import text_format
     except Exception:  # noqa: BLE001 - a broken pycaffe install fails in any way
         return

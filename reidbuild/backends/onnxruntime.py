@@ -57,8 +57,8 @@ def adapt_input(batch: np.ndarray, elem_type: str, shape: list[Any]) -> np.ndarr
     """Feed a float32 RGB NCHW 0..255 batch to a graph by its declared input type (uint8 NHWC: BGR bytes)."""
     if elem_type == "tensor(uint8)":
         if len(shape) == 4 and shape[-1] == 3:
-            return np.ascontiguousarray(np.clip(np.rint(batch[:, ::-1].transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8))
-        return np.clip(np.rint(batch), 0, 255).astype(np.uint8)
+            return np.ascontiguousarray(np.clip(np.rint(batch[:, ::-1].transpose(0, 2, 3, 1)), 0, 255), dtype=np.uint8)
+        return np.asarray(np.clip(np.rint(batch), 0, 255), dtype=np.uint8)
     if elem_type == "tensor(float16)":
         return batch.astype(np.float16)
     return np.ascontiguousarray(batch, dtype=np.float32)

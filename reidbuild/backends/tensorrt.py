@@ -31,7 +31,7 @@ class TensorRTRunner:
         self.device = device
         self.adapt = adapt  # standard float32 NCHW batch -> what the engine's input takes (graph patches)
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
-        self.stream = None
+        self.stream: Any = None  # a cudaStream_t once the engine is loaded
         data = engine if isinstance(engine, bytes) else Path(engine).read_bytes()
         self.path = None if isinstance(engine, bytes) else Path(engine)
         self._call(self.cudart.cudaSetDevice(device), "cudaSetDevice")

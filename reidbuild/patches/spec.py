@@ -172,7 +172,8 @@ class NewNode(_Strict):
     @field_validator("attributes", "params")
     @classmethod
     def _values(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_value(v)
+        checked: dict[str, Any] = _check_value(v)
+        return checked
 
 
 class InsertNode(_Op):

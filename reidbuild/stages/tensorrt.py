@@ -7,6 +7,8 @@ The timing cache is kept as an artifact and fed back into the next build, so reb
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ..manifest import TensorRTTarget
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
@@ -45,7 +47,7 @@ def engine_stage(target: TensorRTTarget, source: ArtifactRef, name: str) -> Stag
         description=f"build the TensorRT {target.mode} engine (strongly typed)")
 
 
-def _engine_env() -> dict:
+def _engine_env() -> dict[str, Any]:
     """What the engine bytes are tied to here (part of its shared-cache key)."""
     from ..tensorrt.env import engine_env
 
