@@ -16,10 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import yamlio
 from .errors import ImageError, ManifestError
 
-BACKENDS = ("onnxruntime", "caffe", "tensorrt")
-CHECKS = ("onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8", "onnx_int8_cpu")
-
-
 def check_plain_name(value: str, what: str = "name") -> str:
     """Refuse anything that could escape a folder when used as (part of) a file name."""
     if not value or "/" in value or "\\" in value or ".." in value or value.startswith(".") or "\x00" in value:
