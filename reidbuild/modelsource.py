@@ -35,7 +35,7 @@ def config(lm: LoadedManifest) -> dict[str, Any]:
 
         return load_config(lm.resolve(src.config), dict(src.opts))
     with _user_fastreid(lm) as fastreid:
-        cfg: dict[str, Any] = _plain(_user_cfg(lm, fastreid))
+        cfg: dict[str, Any] = _as_builtin(_user_cfg(lm, fastreid))
         return cfg
 
 
@@ -176,11 +176,11 @@ def _user_cfg(lm: LoadedManifest, fastreid: Any) -> Any:
     return cfg
 
 
-def _plain(node: Any) -> Any:
+def _as_builtin(node: Any) -> Any:
     if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
+        return {str(k): _as_builtin(v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return [_plain(v) for v in node]
+        return [_as_builtin(v) for v in node]
     return node
 
 
