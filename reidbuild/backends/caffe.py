@@ -126,7 +126,6 @@ class CaffeRunner:
         self.input_shape, self.output_layer, self.batch_agnostic = _net_facts(self.prototxt)
         if len(self.input_shape) != 4:
             raise StageFailed(f"{self.prototxt.name}: input shape {list(self.input_shape)} is not [N, C, H, W]")
-        self._cv_batch = self.input_shape[0]
         if self.runtime == "pycaffe":
             caffe = _import_caffe()
             caffe.set_mode_cpu()
