@@ -77,7 +77,7 @@ class OnnxGraph:
     def opset(self, domain: str = "") -> int:
         for o in self.model.opset_import:
             if o.domain in (domain, "ai.onnx" if domain == "" else domain):
-                return o.version
+                return int(o.version)
         return 0
 
     def index(self, node: Any) -> int:
@@ -470,7 +470,7 @@ def _float_output(g: OnnxGraph, ctx: _OpCtx, v: Any) -> int:
     if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                     onnx.TensorProto.BFLOAT16):
         raise ctx.fail(f"graph output {v.name!r} is not a float tensor")
-    return elem
+    return int(elem)
 
 
 def _unique(g: OnnxGraph, base: str) -> str:
