@@ -56,12 +56,12 @@ def _simple_name(v: str, what: str) -> str:
 class Selector(_Strict):
     """Picks nodes (ONNX) or layers (Caffe); every given key must hold (AND)."""
 
-    name: Optional[str] = Field(None, description="Exact node/layer name.")
-    type: Optional[str] = Field(None, description="ONNX op_type or Caffe layer type, e.g. Conv, Pooling.")
-    regex: Optional[str] = Field(None, description="Python regex that must match the whole name.")
-    producer_of: Optional[str] = Field(None, description="The node/layer writing this tensor/blob.")
-    consumer_of: Optional[str] = Field(None, description="Nodes/layers reading this tensor/blob.")
-    last: Optional[Literal[True]] = Field(None, description="The node/layer producing a graph output.")
+    name: Optional[str] = Field(default=None, description="Exact node/layer name.")
+    type: Optional[str] = Field(default=None, description="ONNX op_type or Caffe layer type, e.g. Conv, Pooling.")
+    regex: Optional[str] = Field(default=None, description="Python regex that must match the whole name.")
+    producer_of: Optional[str] = Field(default=None, description="The node/layer writing this tensor/blob.")
+    consumer_of: Optional[str] = Field(default=None, description="Nodes/layers reading this tensor/blob.")
+    last: Optional[Literal[True]] = Field(default=None, description="The node/layer producing a graph output.")
 
     @field_validator("regex")
     @classmethod

@@ -34,8 +34,8 @@ def export_onnx(model: Any, height: int, width: int, opset: int, dynamic_batch: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model.eval(), (torch.zeros(1, 3, height, width),), buf, dynamo=False,
-                              opset_version=opset, input_names=["input"], output_names=["output"],
+            torch.onnx.export(model.eval(), (torch.zeros(1, 3, height, width),), buf,  # type: ignore[arg-type]
+                              dynamo=False, opset_version=opset, input_names=["input"], output_names=["output"],
                               dynamic_axes=dynamic, do_constant_folding=True)
         except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
