@@ -239,7 +239,12 @@ def _apply_fleet(paths: list[Path], opts: Any, as_json: bool, jobs: int, ray_add
     from . import fleet
 
     t0 = time.perf_counter()
-    results = fleet.run_fleet(paths, opts, _fleet_printer, jobs=jobs, ray_address=ray_address)
+    if ray_address is not None:
+        from .raycluster import run_on_ray
+
+        results = run_on_ray(paths, opts, _fleet_printer, ray_address)
+    else:
+        results = fleet.run_fleet(paths, opts, _fleet_printer, jobs=jobs)
     total = time.perf_counter() - t0
     if as_json:
         _emit_json({"manifests": [r.to_dict() for r in results], "seconds": round(total, 3),
