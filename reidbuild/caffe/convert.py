@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import NotExpressible, StageFailed
 from . import schema
 
-from . import CONVERTER_VERSION  # noqa: E402,F401 - re-exported
+from . import CONVERTER_VERSION  # noqa: F401 - re-exported
 
 # ------------------------------------------------------------------------------------------ the Caffe net
 
@@ -144,7 +144,7 @@ def _fold(node: Any, inputs: list[Optional[np.ndarray]], opset: int) -> list[np.
     feeds = {n: v for n, v in zip(names, inputs) if n}
     try:
         return list(ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds))
-    except Exception as exc:  # the evaluator raises whatever the op raises
+    except Exception as exc:  # noqa: BLE001 - the evaluator raises whatever the op raises
         raise StageFailed(f"cannot fold constant node {node.name or node.op_type} ({node.op_type}): "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
@@ -1456,7 +1456,7 @@ def convert_file(path: Path, dialect: str, input_shape: tuple[int, int, int, int
         model = onnx.load(str(path))
     except FileNotFoundError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{path.name}: not a readable ONNX model: {str(exc).splitlines()[0]}") from None
     net = build_net(model, dialect, input_shape)
     del model
