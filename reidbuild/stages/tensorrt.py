@@ -7,14 +7,15 @@ The timing cache is kept as an artifact and fed back into the next build, so reb
 """
 from __future__ import annotations
 
-from ..manifest import TensorRTTarget
 from ..pipeline import Stage, StageContext, StageResult
+from ..targets.tensorrt import TensorRTTarget
 from . import ArtifactRef
 
 RECIPE = "trt-strongly-typed-v1"
 
 
 def engine_stage(target: TensorRTTarget, source: ArtifactRef, name: str) -> Stage:
+    """``tensorrt.engine`` from ``source``; outputs: the engine, its timing cache."""
     from ..tensorrt import build as trt_build
 
     engine_file, cache_file = f"{name}.engine", f"{name}.timing.cache"
