@@ -150,15 +150,20 @@ def _derive() -> type[Manifest]:
     fields: dict[str, Any] = {}
     for t in target_registry.registered():
         fields[t.name] = ((t.model, Field(default_factory=t.model)) if t.always
-                          else (Optional[t.model], None))  # type: ignore[valid-type]
+                          else (Optional[t.model], None))
     targets = create_model("Targets", __base__=Targets, **fields)
-    requestable: Any = Literal.__getitem__(target_registry.requestable_backends())  # type: ignore[attr-defined]
-    checks: Any = Literal.__getitem__(target_registry.backend_names())  # type: ignore[attr-defined]
-    parity = create_model("Parity", __base__=Parity, __doc__=Parity.__doc__,
-                          backends=(list[requestable], Parity.model_fields["backends"]),
-                          overrides=(dict[checks, Tolerance], Parity.model_fields["overrides"]))
+    requestable: Any = Literal.__getitem__(target_registry.requestable_backends())
+    checks: Any = Literal.__getitem__(target_registry.backend_names())
+    optional_parity: Any = Optional[parity_model(requestable, checks)]
     return create_model("Manifest", __base__=Manifest, __doc__=Manifest.__doc__,
-                        targets=(targets, Field(default_factory=targets)), parity=(Optional[parity], None))
+                        targets=(targets, Field(default_factory=targets)), parity=(optional_parity, None))
+
+
+def parity_model(requestable: Any, checks: Any) -> type[Parity]:
+    """``Parity`` with ``backends`` and ``overrides`` narrowed to the registered names (their errors list them)."""
+    return create_model("Parity", __base__=Parity, __doc__=Parity.__doc__,
+                        backends=(list[requestable], Parity.model_fields["backends"]),
+                        overrides=(dict[checks, Tolerance], Parity.model_fields["overrides"]))
 
 
 @dataclass(frozen=True)

@@ -114,16 +114,21 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
 
         batch = ctx.cached("parity_images", lambda: load_images(images, inp.height, inp.width, inp.color,
                                                                 inp.interpolation))
-        raw_ref = ctx.cached("parity_reference", lambda: run_batched(
-            TorchRunner(model_from(ctx, lm, cfg)), batch, parity.batch_size,
-            lambda d, t: ctx.progress("PyTorch reference images", d, t)))
+
+        def reference_pass() -> np.ndarray:
+            with TorchRunner(model_from(ctx, lm, cfg)) as torch_runner:
+                return run_batched(torch_runner, batch, parity.batch_size,
+                                   lambda d, t: ctx.progress("PyTorch reference images", d, t))
+
+        raw_ref = ctx.cached("parity_reference", reference_pass)
         release_model(ctx)  # every parity check shares the one reference pass above
         reference = apply_transforms(raw_ref, check.output_transforms)
-        runner = check.make_runner(ctx)
-        actual = run_batched(runner, batch, parity.batch_size,
-                             lambda d, t: ctx.progress(f"{check.check} images", d, t))
+        with check.make_runner(ctx) as runner:  # closed after the last batch: sessions and engines go now
+            actual = run_batched(runner, batch, parity.batch_size,
+                                 lambda d, t: ctx.progress(f"{check.check} images", d, t))
+            backend = runner.describe()
         result = compare(reference, actual, tol, mode)
-        record = {"backend": runner.describe(), "reference": "torch", "transforms": check.output_transforms,
+        record = {"backend": backend, "reference": "torch", "transforms": check.output_transforms,
                   **result.summary(),
                   "per_image": [{"image": names[r.index], "max_abs": float(f"{r.max_abs:.4g}"),
                                  "cosine": float(f"{r.cosine:.8f}"), "ok": r.ok} for r in result.images]}
@@ -139,7 +144,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
                         + ": the model's own behaviour, not the backend's" + ("\n" + hint if hint else ""))
             failed = (f"parity {check.check}: " + "; ".join(result.failures) + ("\n" + hint if hint else "")
                       + "\n" + result.table(names))
-        runtime = runner.describe().get("runtime", runner.name)
+        runtime = backend.get("runtime", runner.name)
         retrieval = (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}"
                      if result.rank1 is not None else "")
         ctx.log(f"{runtime}: {mode} max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, "

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from ..backends.base import Runner
     from ..manifest import LoadedManifest
-    from ..pipeline import Stage
+    from ..pipeline import Stage, StageContext
     from ..stages import ArtifactRef
 
 # a runner factory gets a resolver from artifact file name to path (the run's output folder, a lock's, ...)
@@ -107,7 +107,12 @@ class Build:
         from ..stages.parity import ParityCheck, parity_stage
 
         b = self.backends[name]
-        check = ParityCheck(name, b.artifacts, lambda ctx, f=b.factory: f(ctx.artifact), self.profile(b.precision),
+        factory = b.factory
+
+        def make_runner(ctx: StageContext) -> Runner:
+            return factory(ctx.artifact)
+
+        check = ParityCheck(name, b.artifacts, make_runner, self.profile(b.precision),
                             available=b.available, output_transforms=b.output_transforms)
         self.stages.append(parity_stage(self.lm, self.cfg, self.load, check, self.images))
 
