@@ -7,6 +7,8 @@ target is one new module exposing a :class:`~reidbuild.targets.base.Target` plus
 """
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from .base import Artifact, BackendBuild, Build, RunnerFactory, Target, section
 
 __all__ = ["Artifact", "BackendBuild", "Build", "RunnerFactory", "Target", "section", "register", "unregister",
@@ -19,6 +21,9 @@ _GENERATION = [0]  # bumped on every change: the manifest model is rebuilt when 
 def register(target: Target) -> Target:
     """Add ``target`` after those registered so far (its ``contribute`` runs after theirs)."""
     taken = set(backend_names())
+    if not target.name.isidentifier() or hasattr(BaseModel, target.name):
+        raise ValueError(f"target name {target.name!r} is not a usable section name (an identifier that is no "
+                         "pydantic model attribute)")
     if target.name in _REGISTRY:
         raise ValueError(f"a target named {target.name!r} is already registered")
     clash = sorted(taken & set(target.backends))
@@ -60,14 +65,6 @@ def precision_of(backend: str) -> str:
     for t in _REGISTRY.values():
         if backend in t.backends:
             return t.backends[backend]
-    raise KeyError(backend)
-
-
-def owner(backend: str) -> Target:
-    """The target declaring runner ``backend``; KeyError when none does."""
-    for t in _REGISTRY.values():
-        if backend in t.backends:
-            return t
     raise KeyError(backend)
 
 
