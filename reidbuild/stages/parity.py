@@ -96,6 +96,15 @@ def features_file_name(model_name: str, check: str) -> str:
     return f"{model_name}.parity.{check}.npz"
 
 
+def reference_features(ctx: StageContext, lm: LoadedManifest, cfg: dict[str, Any], batch: np.ndarray,
+                       batch_size: int) -> np.ndarray:
+    """The PyTorch model's features on the parity images (one pass per run, shared by every check)."""
+    from ..backends.torch import TorchRunner
+
+    with TorchRunner(model_from(ctx, lm, cfg)) as runner:
+        return run_batched(runner, batch, batch_size, lambda d, t: ctx.progress("PyTorch reference images", d, t))
+
+
 def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, check: ParityCheck,
                  images: list[Path]) -> Stage:
     parity = lm.model.parity
@@ -109,18 +118,11 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
     features_file = features_file_name(lm.model.name, check.check)
 
     def run(ctx: StageContext) -> StageResult:
-        from ..backends.torch import TorchRunner
         from ..images import load_images
 
         batch = ctx.cached("parity_images", lambda: load_images(images, inp.height, inp.width, inp.color,
                                                                 inp.interpolation))
-
-        def reference_pass() -> np.ndarray:
-            with TorchRunner(model_from(ctx, lm, cfg)) as torch_runner:
-                return run_batched(torch_runner, batch, parity.batch_size,
-                                   lambda d, t: ctx.progress("PyTorch reference images", d, t))
-
-        raw_ref = ctx.cached("parity_reference", reference_pass)
+        raw_ref = ctx.cached("parity_reference", lambda: reference_features(ctx, lm, cfg, batch, parity.batch_size))
         release_model(ctx)  # every parity check shares the one reference pass above
         reference = apply_transforms(raw_ref, check.output_transforms)
         with check.make_runner(ctx) as runner:  # closed after the last batch: sessions and engines go now
