@@ -9,7 +9,7 @@ import glob as _glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -149,8 +149,8 @@ def manifest_model() -> type[Manifest]:
 def _derive() -> type[Manifest]:
     fields: dict[str, Any] = {}
     for t in target_registry.registered():
-        fields[t.name] = ((t.model, Field(default_factory=t.model)) if t.always
-                          else (Optional[t.model], None))
+        make: Callable[[], Any] = t.model
+        fields[t.name] = (t.model, Field(default_factory=make)) if t.always else (Optional[t.model], None)
     targets = create_model("Targets", __base__=Targets, **fields)
     requestable: Any = Literal.__getitem__(target_registry.requestable_backends())
     checks: Any = Literal.__getitem__(target_registry.backend_names())
