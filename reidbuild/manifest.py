@@ -1,6 +1,8 @@
 """The manifest: pydantic models of the YAML a user writes, and loading with file:line:column errors.
 
-Only data lives here; what the manifest *means* (which stages run) is decided in ``pipeline.py``.
+Only data lives here; what the manifest *means* (which stages run) is decided by the targets and
+``stages.assemble``. The ``targets`` section and the names ``parity`` accepts come from the target registry
+(``reidbuild.targets``): ``load_manifest`` validates with :func:`manifest_model`.
 """
 from __future__ import annotations
 
@@ -147,6 +149,8 @@ def manifest_model() -> type[Manifest]:
 
 
 def _derive() -> type[Manifest]:
+    """Subclasses of Targets, Parity and Manifest whose fields the registry fills: typo'd target keys, check
+    names and backends fail with file:line:column and the registered names, like hand-written fields did."""
     fields: dict[str, Any] = {}
     for t in target_registry.registered():
         make: Callable[[], Any] = t.model
