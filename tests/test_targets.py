@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ from reidbuild.cli import main
 from reidbuild.manifest_parts import Strict
 from reidbuild.pipeline import Stage, StageContext, StageResult
 from reidbuild.stages import output_ref
-from reidbuild.targets import Artifact, BackendBuild, Build, Target
+from reidbuild.targets import Artifact, BackendBuild, Build, RunnerFactory, Target
 from reidbuild.targets.onnx import ort_factory
 from tests.helpers import tiny_manifest
 
@@ -30,6 +30,17 @@ class CopyTarget(Strict):
     suffix: str = "copy"
 
 
+OPENED: list[Any] = []  # every runner the toy target's factory made, to check that parity and infer close them
+
+
+def counted(factory: RunnerFactory) -> RunnerFactory:
+    def make(resolve: Callable[[str], Path]) -> Any:
+        runner = factory(resolve)
+        OPENED.append(runner)
+        return runner
+    return make
+
+
 def contribute(build: Build, target: CopyTarget) -> None:
     """One stage copying the final ONNX; onnxruntime runs the copy exactly as it runs the original."""
     onnx = build.artifact("onnx")
@@ -41,7 +52,7 @@ def contribute(build: Build, target: CopyTarget) -> None:
     stage = build.add(Stage("copy.onnx", run, params={"suffix": target.suffix}, deps=(onnx.ref.stage,),
                             outputs=(out,), description="copy the ONNX model"))
     copy = Artifact(output_ref(stage), onnx.input_layout, onnx.output_transforms)
-    build.runner("onnx_copy", BackendBuild([copy.ref], ort_factory(copy, build.lm.model.input.color),
+    build.runner("onnx_copy", BackendBuild([copy.ref], counted(ort_factory(copy, build.lm.model.input.color)),
                                            output_transforms=list(copy.output_transforms)))
 
 
@@ -92,9 +103,12 @@ def test_plan_lists_its_stage_and_its_parity_check(tmp_path: Path, toy: Target) 
 
 
 def test_parity_runs_it_and_infer_offers_it(tmp_path: Path, toy: Target) -> None:
+    """...and both close the runner they made (its onnxruntime session is gone after the run)."""
     m = tiny_manifest(tmp_path, extra=TOY, backends="[onnxruntime, onnx_copy]")
+    OPENED.clear()
     code, _, err = cli("apply", str(m))
     assert code == 0, err
+    assert len(OPENED) == 1 and OPENED[0].session is None
     lock = lockfile.read(tmp_path / "m.lock")
     assert lock is not None
     rec = lock.stages["parity.onnx_copy"]
@@ -108,8 +122,9 @@ def test_parity_runs_it_and_infer_offers_it(tmp_path: Path, toy: Target) -> None
         code, _, err = cli("infer", str(m), "--backend", backend, "--input", str(tmp_path / "imgs" / "*.png"),
                            "--output", str(tmp_path / backend))
         assert code == 0, err
+        assert all(r.session is None for r in OPENED)
         feats[backend] = np.stack([np.load(p) for p in sorted((tmp_path / backend).glob("*.npy"))])
-    assert feats["onnx_copy"].shape == (5, 512)
+    assert len(OPENED) == 2 and feats["onnx_copy"].shape == (5, 512)
     np.testing.assert_array_equal(feats["onnx_copy"], feats["onnxruntime"])
 
 
