@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, TypeVar
 
 from pydantic import BaseModel
 
+from ..precision.profiles import PROFILES
+
 if TYPE_CHECKING:
     from ..backends.base import Runner
     from ..manifest import LoadedManifest
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 # a runner factory gets a resolver from artifact file name to path (the run's output folder, a lock's, ...)
 RunnerFactory = Callable[[Callable[[str], Path]], "Runner"]
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = tuple(PROFILES)  # fp32, fp16, int8: a runner's default tolerances are one of these profiles
 
 
 @dataclass
