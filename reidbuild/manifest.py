@@ -26,11 +26,11 @@ from .targets.tensorrt import TensorRTTarget
 
 # the built-in targets' sections, importable from here as before (they live in reidbuild.targets.*)
 __all__ = ["Calibration", "CaffeTarget", "Input", "LoadedManifest", "Manifest", "OnnxInt8CpuTarget", "OnnxTarget",
-           "Parity", "Source", "Targets", "TensorRTTarget", "Tolerance", "check_plain_name", "json_schema",
+           "Parity", "Source", "Targets", "TensorRTTarget", "Tolerance", "check_file_name", "json_schema",
            "load_manifest", "manifest_model"]
 
 
-def check_plain_name(value: str, what: str = "name") -> str:
+def check_file_name(value: str, what: str = "name") -> str:
     """Refuse anything that could escape a folder when used as (part of) a file name."""
     if not value or "/" in value or "\\" in value or ".." in value or value.startswith(".") or "\x00" in value:
         raise ValueError(f"{what} must be a plain file name (no '/', '\\', '..' or leading '.'), got {value!r}")
@@ -119,8 +119,8 @@ class Manifest(Strict):
 
     @field_validator("name")
     @classmethod
-    def _plain_name(cls, v: str) -> str:
-        return check_plain_name(v)
+    def _file_name(cls, v: str) -> str:
+        return check_file_name(v)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Manifest":

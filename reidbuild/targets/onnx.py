@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class OnnxTarget(Strict):
-    opset: int = Field(17, ge=11, le=17, description="TorchScript exporter opsets (reproducible bytes).")
+    opset: int = Field(default=17, ge=11, le=17, description="TorchScript exporter opsets (reproducible bytes).")
     simplify: bool = True
     dynamic_batch: bool = True
     patches: list[str] = Field(default_factory=list, description="Graph patch files applied in order.")
