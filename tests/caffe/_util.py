@@ -17,10 +17,11 @@ DIALECTS = ("bvlc", "ceil_mode")
 
 
 def need(runtime: str) -> None:
-    """Skip unless ``runtime`` can run here; the reason says how to get it (e.g. `make pycaffe`)."""
+    """Fail unless ``runtime`` can run here: ``make test`` builds pycaffe and installs OpenCV, so a missing one is
+    a broken setup, not a reason to skip; the message says how to get it (e.g. `make pycaffe`)."""
     why = available(runtime)
     if why is not None:
-        pytest.skip(why)
+        pytest.fail(f"Caffe runtime {runtime} is missing (make test installs it): {why}")
 
 
 def export(module: Any, shape: tuple[int, ...], *, dynamic_batch: bool = True, simplify: bool = True) -> Any:

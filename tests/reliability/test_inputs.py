@@ -130,7 +130,6 @@ PATCHES = {
 }
 
 
-@pytest.mark.skipif(not (REPO / "reidbuild" / "stages" / "patch.py").exists(), reason="graph patches not landed")
 @pytest.mark.parametrize("case", list(PATCHES))
 def test_bad_patch_file_is_one_line_exit_2(tmp_path, case):
     text, needle = PATCHES[case]
