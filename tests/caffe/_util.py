@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,10 +65,9 @@ def run_caffe(proto: Path, caffemodel: Path, runtime: str, x: np.ndarray) -> np.
     return CaffeRunner(proto, caffemodel, runtime).infer(x)
 
 
-def blob_shapes(proto: Path, caffemodel: Path, x: np.ndarray) -> Optional[dict[str, tuple[int, ...]]]:
-    """Every blob's shape after a pycaffe forward (None when pycaffe is absent)."""
-    if available("pycaffe") is not None:
-        return None
+def blob_shapes(proto: Path, caffemodel: Path, x: np.ndarray) -> dict[str, tuple[int, ...]]:
+    """Every blob's shape after a pycaffe forward."""
+    need("pycaffe")
     import caffe  # type: ignore[import-not-found]
 
     net = caffe.Net(str(proto), str(caffemodel), caffe.TEST)

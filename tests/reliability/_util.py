@@ -37,7 +37,7 @@ class Floor:
 
 
 FLOORS: dict[str, Floor] = {
-    "crash: timed kills": Floor(28, ("crash: kill -9 points (timed",), ("test_crash.py",)),
+    "crash: timed kills": Floor(24, ("crash: kill -9 points (timed",), ("test_crash.py",)),
     "crash: exact commit-point kills": Floor(24, ("crash: kill -9 points (exact",), ("test_crash.py",)),
     "crash: stage kinds killed while running": Floor(15, ("crash: stage kinds",), ("test_crash.py",)),
     "bad inputs refused": Floor(96, ("inputs: bad", "checkpoints: ", "paths: bad names"),
