@@ -153,7 +153,7 @@ def _pngs(folder: Path, images: np.ndarray) -> None:
 def rich(tmp_path_factory) -> Project:
     """The rich project's inputs (made once: trained-like checkpoints, images, patches) and its runner, whose
     child processes cannot import TensorRT."""
-    from reidbuild.fastreid.baseline import build_model
+    from reidbuild.fastreid import build_model
     from reidbuild.fastreid.checkpoint import make_checkpoint
     from reidbuild.fastreid.config import load_config
     from reidbuild.testing import make_trained_like, person_like_images
