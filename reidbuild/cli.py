@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads wreck latency on small machines
 os.environ.setdefault("GLOG_minloglevel", "2")  # keep pycaffe quiet
 
-from . import noopcache  # noqa: E402 - the no-op fast path runs before click, pydantic and PyYAML load
+from . import noopcache  # the no-op fast path runs before click, pydantic and PyYAML load
 
 if __name__ == "__main__" or Path(sys.argv[0]).name == "reidbuild":  # run as the command, not imported
     if noopcache.replay(sys.argv[1:], time.perf_counter()):
         sys.exit(0)
     noopcache.watch(sys.argv[1:])
 
-import click  # noqa: E402
+import click
 
-from .errors import CheckFailed, InputError  # noqa: E402
+from .errors import CheckFailed, InputError
 
 if TYPE_CHECKING:
     from .manifest import LoadedManifest

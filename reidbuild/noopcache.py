@@ -221,7 +221,7 @@ class Watcher:
 
     def start(self) -> None:
         sys.addaudithook(self._hook)
-        sys.stdout, sys.stderr = self.out, self.err  # type: ignore[assignment]
+        sys.stdout, sys.stderr = self.out, self.err
 
     def stop(self) -> None:
         self.active = False
@@ -332,7 +332,7 @@ def _collect(watcher: Watcher, output_dir: str, stages: int, summary: str) -> Op
 
 def _racy(key: list[Any], now: int) -> bool:
     """True when a later write could keep every stat field (it falls inside one timestamp tick)."""
-    newest = max(key[3], key[4])
+    newest = int(max(key[3], key[4]))
     margin = _COARSE_MARGIN_NS if key[3] % 1_000_000 == 0 else _FINE_MARGIN_NS
     return newest + margin >= now
 

@@ -106,8 +106,9 @@ def apply_in_fresh_interpreter(manifest: Path) -> tuple[int, str, str, list[str]
     import subprocess
     import sys
 
-    probe = ("import sys, json\nsys.argv = ['reidbuild', 'apply', sys.argv[1]]\nfrom reidbuild.cli import main\n"
-             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+    # importing the CLI as the `reidbuild` command may already replay a recorded no-op (reidbuild.noopcache)
+    probe = ("import sys, json\nsys.argv = ['reidbuild', 'apply', sys.argv[1]]\n"
+             "try:\n    from reidbuild.cli import main\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
              f"print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})]))")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-c", probe, str(manifest)], capture_output=True, text=True, env=env,
