@@ -46,6 +46,8 @@ _SUMMARY_MARK = "\x00summary\x00"
 _FINE_MARGIN_NS = 100_000_000  # as statcache: Linux stamps with a coarse clock (a few ms)
 _COARSE_MARGIN_NS = 2_000_000_000  # FAT and others store whole (even) seconds
 _MAX_RACY_BYTES = 16 << 20  # a racy file larger than this is not worth hashing on every fast path: no record
+_SPAWN_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.posix_spawn", "os.exec", "os.spawn", "os.fork",
+                           "ctypes.dlopen"})
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -84,7 +86,8 @@ def _environment() -> dict[str, str]:
 
 def _interpreter() -> dict[str, Any]:
     """What decides which code runs and how output looks, compared as a whole."""
-    return {"executable": sys.executable, "python": sys.version, "path": list(sys.path), "cwd": os.getcwd(),
+    return {"executable": sys.executable, "python": sys.version, "flags": list(sys.flags), "path": list(sys.path),
+            "cwd": os.getcwd(),
             "tty": [sys.stdout.isatty(), sys.stderr.isatty()], "env": _environment()}
 
 
@@ -216,6 +219,7 @@ class Watcher:
         self.opened: set[str] = set()
         self.listed: set[str] = set()
         self.run_locks: set[str] = set()
+        self.spawned: list[str] = []  # programs run: their versions are outside any record, so no record
         self.active = True
         self.out, self.err = _Tee(sys.stdout), _Tee(sys.stderr)
 
@@ -231,7 +235,11 @@ class Watcher:
             sys.stderr = self.err.stream
 
     def _hook(self, event: str, args: tuple[Any, ...]) -> None:
-        if not self.active or event not in ("open", "os.listdir", "os.scandir"):
+        if not self.active:
+            return
+        if event in _SPAWN_EVENTS:
+            self.spawned.append(event)
+        if event not in ("open", "os.listdir", "os.scandir"):
             return
         path = args[0] if args else "."
         if isinstance(path, bytes):
@@ -281,7 +289,8 @@ def finish(noop: bool, stages: int, summary: str) -> None:
     if watcher is None:
         return
     watcher.stop()
-    if not noop or len(watcher.run_locks) != 1:
+    if not noop or len(watcher.run_locks) != 1 or watcher.spawned:
+        _debug(f"no record (spawned: {watcher.spawned})" if watcher.spawned else "no record")
         return
     output_dir = next(iter(watcher.run_locks))
     fd = _try_lock(output_dir)

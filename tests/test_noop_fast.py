@@ -205,3 +205,15 @@ def test_the_run_lock_name_is_fsutils() -> None:
     import inspect
 
     assert f'"{noopcache.RUN_LOCK_NAME}"' in inspect.getsource(fsutil.run_lock)
+
+
+def test_only_a_plain_apply_of_one_manifest_file_is_replayable(tmp_path: Path) -> None:
+    m = tmp_path / "m.yml"
+    m.write_text("version: 1\n")
+    assert noopcache.fast_manifest(["apply", str(m)]) == str(m)
+    assert noopcache.fast_manifest(["apply", "-q", "--no-wait", str(m)]) == str(m)
+    for argv in (["plan", str(m)], ["verify", str(m)], ["apply", "--locked", str(m)], ["apply", "--json", str(m)],
+                 ["apply", "--force", str(m)], ["apply", "-j", "2", str(m)], ["apply", str(m), str(m)],
+                 ["apply", str(tmp_path)], ["apply", str(tmp_path / "*.yml")], ["apply", "--ray", str(m)],
+                 ["apply", str(tmp_path / "missing.yml")], ["apply"]):
+        assert noopcache.fast_manifest(argv) is None, argv
