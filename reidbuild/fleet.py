@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from . import pipeline
 from .errors import InputError, classify
+from .provenance import OriginTracker, write_run_record
 
 Emit = Callable[[pipeline.Event], None]
 
@@ -51,6 +52,7 @@ class ManifestResult:
     cache_problems: list[str] = field(default_factory=list)
     placement: dict[str, str] = field(default_factory=dict)  # stage -> Ray node id (with --ray)
     lock: str = ""
+    provenance: str = ""  # the run record: where each artifact in the output folder came from
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -96,16 +98,31 @@ def apply_manifest(path: Path, opts: ApplyOptions, emit: Emit,
     stages = assemble(lm).stages
     out_dir = ensure_dir(lm.output_dir)
     store = open_cache(opts)
+    tracker = OriginTracker(emit)
+    record: Optional[Path] = None
     with run_lock(out_dir, opts.wait, on_wait=on_wait):
-        outcome = pipeline.run(stages, lock_path=lm.lock_path, output_dir=out_dir, base=lm.base, emit=emit,
-                               manifest_entry={"path": lm.path.name, "sha256": lm.sha256},
-                               locked=opts.locked, skip_unavailable=opts.skip_unavailable, force=opts.force,
-                               store=store, runner=runner)
+        try:
+            outcome = pipeline.run(stages, lock_path=lm.lock_path, output_dir=out_dir, base=lm.base, emit=tracker,
+                                   manifest_entry={"path": lm.path.name, "sha256": lm.sha256},
+                                   locked=opts.locked, skip_unavailable=opts.skip_unavailable, force=opts.force,
+                                   store=store, runner=runner)
+        finally:  # also after a failed stage: what was committed before it has an origin too
+            record = _record_provenance(out_dir, lm.lock_path, tracker, opts, store, runner)
     return ManifestResult(str(path), ran=outcome.ran, restored=outcome.restored, cached=outcome.cached,
                           skipped=outcome.skipped, failed=outcome.failed, drift=outcome.drift,
                           timings={k: round(v, 3) for k, v in outcome.timings.items()},
                           cache_problems=list(store.problems) if store is not None else [],
-                          lock=str(lm.lock_path))
+                          lock=str(lm.lock_path), provenance=str(record) if record else "")
+
+
+def _record_provenance(out_dir: Path, lock_path: Path, tracker: OriginTracker, opts: ApplyOptions, store: Any,
+                       runner: Optional[pipeline.StageRunner]) -> Optional[Path]:
+    """Write the run record (informational: a folder that refuses it does not fail the build it describes)."""
+    try:
+        return write_run_record(out_dir, lock_path, tracker, opts.cache,
+                                getattr(store, "restored_from", {}), getattr(runner, "placement", {}))
+    except OSError:
+        return None
 
 
 def settle(result: ManifestResult) -> ManifestResult:

@@ -503,7 +503,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 store.push(stage, key, result, emit)
             failed_msg = result.failed
             del result  # the artifacts are on disk: do not hold their bytes while the next stage runs
-            release_memory()
+            if not restored:  # a restore built no model or graph; a full collection would only cost time
+                release_memory()
             if restored:
                 outcome.restored.append(stage.name)
                 emit(Event("restored", stage.name, "restored from cache", seconds))

@@ -73,6 +73,8 @@ class Store:
         self.down: Optional[str] = None  # why the cache was given up on for this run
         self.problems: list[str] = []  # what went wrong, for the run's summary
         self._bad_blobs: set[str] = set()
+        # stage -> the entry it was restored from in this run (key, when it was pushed), for the run record
+        self.restored_from: dict[str, dict[str, Any]] = {}
         self.why_required = "--cache-required was given"
         self._local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
@@ -180,6 +182,7 @@ class Store:
         if data is None:
             return None
         built = entry.get("seconds")
+        self.restored_from[stage.name] = {"key": key, "pushed": entry.get("pushed")}
         return StageResult(outputs=data, record=dict(entry["record"]),
                            sha256={f: e["sha256"] for f, e in files.items()},
                            seconds=float(built) if isinstance(built, (int, float)) and built >= 0 else None)
