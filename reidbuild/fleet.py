@@ -160,9 +160,23 @@ def run_fleet(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], E
         return [apply_one_safely(p, opts, emit_for(label(p))) for p in paths]
     # spawn, not fork: a forked copy of a process that already imported torch/onnxruntime threads can hang
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=share_cores,
+                                initargs=(jobs,)) as pool:
         futures = [pool.submit(apply_one_safely, p, opts, emit_for(label(p))) for p in paths]
         return [_result_of(f, p) for f, p in zip(futures, paths)]
+
+
+def threads_per_job(jobs: int) -> int:
+    """This machine's usable cores divided among ``jobs`` builds (at least one thread each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
+def share_cores(jobs: int) -> None:
+    """Worker-process initializer: each build gets its share of the cores instead of one thread per core
+    (N jobs x all cores oversubscribes the CPUs: threads then wait on each other's time slices). PyTorch reads
+    OMP_NUM_THREADS when it starts, onnxruntime through ``session_options``; a value the user set stays."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_job(jobs)))
 
 
 def _result_of(future: "cf.Future[ManifestResult]", path: Path) -> ManifestResult:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from reidbuild.cache import open_store
 from reidbuild.cli import main
 from reidbuild.pipeline import Stage, StageResult, run
+from reidbuild.provenance import RUN_RECORD, origins
 from tests.helpers import tiny_manifest, tree
 
 
@@ -44,10 +45,25 @@ def test_second_clone_restores_everything_byte_identical(tmp_path):
     assert tree(tmp_path / "a" / "out") == tree(tmp_path / "b" / "out")
     # byte-identical locks: a restore records the builder's run times, so the restored report matches too
     assert (tmp_path / "a" / "m.lock").read_bytes() == (tmp_path / "b" / "m.lock").read_bytes()
-    # the restored clone is a normal up-to-date build: verify passes, a third apply does nothing
+    # ... and the provenance lives in the run record next to the artifacts: built there, restored here
+    assert origins(tmp_path / "a" / "out") == dict.fromkeys(built["ran"], "built")
+    record = json.loads((tmp_path / "b" / "out" / RUN_RECORD).read_text())["stages"]
+    assert again["provenance"] == str(tmp_path / "b" / "out" / RUN_RECORD)
+    entries = {e.stage: e.key for e in open_store(cache).entries()}
+    for stage in built["ran"]:
+        assert record[stage]["origin"] == "restored" and record[stage]["cache"] == cache
+        assert record[stage]["key"] == entries[stage] and record[stage]["pushed"]
+    # the restored clone is a normal up-to-date build: verify passes, a third apply does nothing and keeps
+    # the record of where the bytes came from
     assert cli("verify", str(second))[0] == 0
     code, out, _ = cli("apply", str(second), "--cache", cache, "--skip-unavailable", "--json")
     assert json.loads(out)["cached"] == built["ran"]
+    assert json.loads((tmp_path / "b" / "out" / RUN_RECORD).read_text())["stages"] == record
+    # the text summary says so too
+    (tmp_path / "b" / "out" / "tiny.onnx").unlink()
+    code, out, _ = cli("apply", str(second), "--cache", cache, "--skip-unavailable")
+    assert code == 0 and f"restored from cache {cache}: onnx.simplify (each artifact's origin:" in out
+    assert origins(tmp_path / "b" / "out")["onnx.simplify"] == "restored"
 
 
 # ----------------------------------------------------------------- small stages: fast, exact semantics
