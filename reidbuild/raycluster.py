@@ -112,7 +112,8 @@ class RayRunner:
             return stage.available() if stage.available else None
         answer = self.ray.get(self._probe.options(**self._options(stage)).remote(self.manifest, stage.name))
         self.placement[stage.name] = answer["node"]
-        return answer["unavailable"]
+        why: Optional[str] = answer["unavailable"]
+        return why
 
     def execute(self, stage: pipeline.Stage, fingerprint: str, ctx: pipeline.StageContext,
                 committed: dict[str, dict[str, Any]]) -> pipeline.StageResult:
@@ -142,7 +143,8 @@ class RayRunner:
 def run_on_ray(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], Emit],
                address: str) -> list[ManifestResult]:
     """Connect to the cluster and build every manifest, each driven from its own thread."""
-    if not opts.cache:
+    cache = opts.cache
+    if not cache:
         raise InputError("--ray needs --cache URL (or REIDBUILD_CACHE): a cache every node can reach carries "
                          "the artifacts between nodes")
     ray = import_ray()
@@ -150,7 +152,7 @@ def run_on_ray(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], 
              log_to_driver=False, ignore_reinit_error=True)
     try:
         def one(p: Path) -> ManifestResult:
-            runner = RayRunner(ray, p, _ray_store(opts.cache))
+            runner = RayRunner(ray, p, _ray_store(cache))
             result = apply_one_safely(p, opts, emit_for(label(p)), runner)
             result.placement = dict(runner.placement)
             return result
