@@ -1,9 +1,12 @@
 """The shared cache on a folder (file://): restore instead of build, integrity, concurrent pushes, gc and ls."""
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,10 +18,24 @@ from reidbuild.pipeline import Stage, StageResult, run
 from reidbuild.provenance import RUN_RECORD, origins
 from tests.helpers import tiny_manifest, tree
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def cli(*args: str) -> tuple[int, str, str]:
     r = CliRunner().invoke(main, list(args), catch_exceptions=False)
     return r.exit_code, r.stdout, r.stderr
+
+
+def apply_in_fresh_process(*args: str) -> tuple[int, str, str, list[str]]:
+    """`reidbuild apply` in a new interpreter; also returns which of torch, onnx and onnxruntime it imported."""
+    code = ("import runpy, sys\nsys.argv = ['reidbuild', 'apply'] + sys.argv[1:]\ntry:\n"
+            "    runpy.run_module('reidbuild.cli', run_name='__main__')\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('HEAVY', [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules], file=sys.stderr)\n"
+            "sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    heavy = next(line for line in r.stderr.splitlines() if line.startswith("HEAVY "))[6:]
+    return r.returncode, r.stdout, r.stderr, ast.literal_eval(heavy)
 
 
 TRT = """\
@@ -35,8 +52,9 @@ def test_second_clone_restores_everything_byte_identical(tmp_path):
     built = json.loads(out)
     assert built["ran"] == ["load", "onnx.export", "onnx.simplify", "parity.onnxruntime", "report"]
     assert not built["restored"]
-    code, out, err = cli("apply", str(second), "--cache", cache, "--skip-unavailable", "--json")
+    code, out, err, heavy = apply_in_fresh_process(str(second), "--cache", cache, "--skip-unavailable", "--json")
     assert code == 0, err
+    assert heavy == [], "a restore needs none of the model libraries"
     again = json.loads(out)
     assert again["ran"] == [] and again["restored"] == built["ran"]
     assert not [e for e in again["events"] if e["kind"] == "start"], "a stage ran instead of being restored"
