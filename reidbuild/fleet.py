@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import pipeline
-from .errors import InputError, classify
+from .errors import InputError, ReidbuildError, classify
 from .provenance import OriginTracker, write_run_record
 
 Emit = Callable[[pipeline.Event], None]
@@ -117,11 +117,12 @@ def apply_manifest(path: Path, opts: ApplyOptions, emit: Emit,
 
 def _record_provenance(out_dir: Path, lock_path: Path, tracker: OriginTracker, opts: ApplyOptions, store: Any,
                        runner: Optional[pipeline.StageRunner]) -> Optional[Path]:
-    """Write the run record (informational: a folder that refuses it does not fail the build it describes)."""
+    """Write the run record (informational: a folder that refuses it, or a lock that cannot be read - the run's
+    own error says why - does not fail the build it describes or hide that error)."""
     try:
         return write_run_record(out_dir, lock_path, tracker, opts.cache,
                                 getattr(store, "restored_from", {}), getattr(runner, "placement", {}))
-    except OSError:
+    except (OSError, ReidbuildError):
         return None
 
 
