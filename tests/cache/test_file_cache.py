@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from reidbuild.cache import open_store
 from reidbuild.cli import main
 from reidbuild.pipeline import Stage, StageResult, run
-from reidbuild.provenance import RUN_RECORD, origins
+from reidbuild.provenance import RUN_RECORD, OriginTracker, origins, public_url, write_run_record
 from tests.helpers import tiny_manifest, tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -223,3 +223,26 @@ def test_cache_required_and_bad_url(tmp_path):
     m = tiny_manifest(tmp_path)
     code, _, err = cli("apply", str(m), "--cache", "nosuchscheme://x/y")
     assert code == 2 and "--cache nosuchscheme://x/y" in err and "Traceback" not in err
+
+
+def test_run_record_names_each_origin_and_keeps_it_while_the_bytes_stay(tmp_path):
+    url = f"file://{tmp_path / 'cache'}"
+    apply(clone(tmp_path, "a"), url, [])
+    root = clone(tmp_path, "b")
+
+    def go() -> dict:
+        store = open_store(url)
+        tracker = OriginTracker(lambda ev: None)
+        run(stages(root, []), lock_path=root / "m.lock", manifest_entry={"path": "m.yml"}, output_dir=root / "out",
+            base=root, emit=tracker, store=store)
+        path = write_run_record(root / "out", root / "m.lock", tracker, url, store.restored_from, {})
+        return json.loads(path.read_text())["stages"]
+
+    first = go()
+    assert {k: v["origin"] for k, v in first.items()} == {"a": "restored", "b": "restored", "e": "built"}
+    assert first["a"]["key"] == next(e.key for e in open_store(url).entries() if e.stage == "a")
+    assert first["e"]["host"] and "cache" not in first["e"]
+    assert go() == first, "an up-to-date stage keeps the origin of its bytes"
+    (root / "out" / RUN_RECORD).unlink()
+    assert {k: v["origin"] for k, v in go().items()} == dict.fromkeys("abe", "unknown")
+    assert public_url("s3://KEY:SECRET@bucket/team") == "s3://bucket/team" and public_url(url) == url
