@@ -117,10 +117,12 @@ class Store:
 
     def action_key(self, stage: Stage, fingerprint: str) -> Optional[str]:
         """The cache key of this stage's result; None when it cannot be shared (a non-reproducible stage
-        whose environment cannot be read here)."""
+        whose environment cannot be read here: a TensorRT engine's raises without TensorRT or a GPU). The
+        stage's own availability probe is not asked: it may import the tool (pycaffe for a Caffe parity
+        check), which a restore does not need."""
         env: Optional[dict[str, Any]] = None
         if not stage.reproducible:
-            if stage.environment is None or (stage.available is not None and stage.available()):
+            if stage.environment is None:
                 return None
             try:
                 env = stage.environment()
