@@ -27,11 +27,10 @@ def cli(*args: str) -> tuple[int, str, str]:
 
 
 def apply_in_fresh_process(*args: str) -> tuple[int, str, str, list[str]]:
-    """`reidbuild apply` in a new interpreter; also returns which of torch, onnx, onnxruntime and numpy it
-    imported."""
+    """`reidbuild apply` in a new interpreter; also returns which of torch, onnx and onnxruntime it imported."""
     code = ("import runpy, sys\nsys.argv = ['reidbuild', 'apply'] + sys.argv[1:]\ntry:\n"
             "    runpy.run_module('reidbuild.cli', run_name='__main__')\nexcept SystemExit as e:\n    rc = e.code\n"
-            "print('HEAVY', [m for m in ('torch', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules], file=sys.stderr)\n"
+            "print('HEAVY', [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules], file=sys.stderr)\n"
             "sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
