@@ -6,8 +6,8 @@
    restored from a warm `file://` cache. Every run that builds pushes to a cache of its own, so each pays the
    same cache cost.
 2. The trained-like R50 of `benchmarks/project.py` (ONNX + Caffe + parity on 12 person-like images): a cold
-   build that fills an empty cache, then a fresh clone whose apply restores everything from it; the warm/cold
-   ratio (target: under 10%).
+   build that fills an empty cache, then three fresh clones whose apply restores everything from it; the
+   ratio of their median to the cold build (target: under 10%).
 
 Wall and CPU seconds (user + system of the apply process and its workers) are printed for each: on a machine
 shared with other jobs the CPU ratios are the steadier figure.
@@ -21,6 +21,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,25 +99,27 @@ def bench_fleet(tmp: Path) -> None:
               f"{cpu:6.1f} s CPU ({100 * cpu / cpu0:3.0f}% of serial's)")
 
 
-def bench_r50(tmp: Path) -> None:
+def bench_r50(tmp: Path, warm_runs: int = 3) -> None:
+    """One cold build into an empty cache, then ``warm_runs`` fresh clones restored from it (the median is
+    quoted: a restore is I/O bound, and single runs on a shared machine vary by a third)."""
     sys.path.insert(0, str(REPO))
     from benchmarks.project import make_r50_project
 
     cache = f"file://{tmp / 'r50-cache'}"
-    times = {}
-    for clone in ("cold", "warm"):
+    runs = []
+    for clone in ["cold"] + [f"warm{i}" for i in range(warm_runs)]:
         folder = tmp / f"r50-{clone}"
         folder.mkdir()
-        if clone == "warm":  # the same checkpoint, copied as a second runner's checkout would have it
+        if clone != "cold":  # the same checkpoint, copied as another runner's checkout would have it
             shutil.copyfile(tmp / "r50-cold" / "model_final.pth", folder / "model_final.pth")
-        manifest = make_r50_project(folder)
-        times[clone] = apply(str(manifest), "--cache", cache)
-    assert restored_everything(times["warm"][2]), "the warm-cache apply ran a stage"
-    (cw, cc, _), (ww, wc, _) = times["cold"], times["warm"]
+        runs.append(apply(str(make_r50_project(folder)), "--cache", cache))
+    (cw, cc, _), warm = runs[0], runs[1:]
+    assert all(restored_everything(r[2]) for r in warm), "a warm-cache apply ran a stage"
+    ww, wc = statistics.median(r[0] for r in warm), statistics.median(r[1] for r in warm)
     print(f"[r50] trained-like R50, ONNX + Caffe + parity: cold build {cw:.1f} s wall / {cc:.1f} s CPU; "
-          f"warm-cache apply (every stage restored) {ww:.2f} s wall / {wc:.2f} s CPU: {100 * ww / cw:.1f}% of "
-          f"the cold build's wall time, {100 * wc / cc:.1f}% of its CPU time "
-          f"({'under' if max(ww / cw, wc / cc) < 0.10 else 'NOT under'} the 10% target)")
+          f"warm-cache apply (every stage restored; median of {warm_runs} fresh clones) {ww:.2f} s wall / "
+          f"{wc:.2f} s CPU: {100 * ww / cw:.1f}% of the cold build's wall time, {100 * wc / cc:.1f}% of its CPU "
+          f"time ({'under' if max(ww / cw, wc / cc) < 0.10 else 'NOT under'} the 10% target)")
 
 
 def main() -> None:
