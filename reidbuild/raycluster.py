@@ -22,7 +22,7 @@ Emit = Callable[[pipeline.Event], None]
 
 def import_ray() -> Any:
     try:
-        import ray  # noqa: PLC0415 (optional dependency)
+        import ray  # optional dependency
     except ImportError:
         raise Unavailable("--ray needs Ray: pip install 'reidbuild[ray]'") from None
     return ray
@@ -47,7 +47,7 @@ def _ray_store(url: str) -> Any:
 
 
 def _node_id() -> str:
-    import ray  # noqa: PLC0415
+    import ray
 
     return ray.get_runtime_context().get_node_id()
 

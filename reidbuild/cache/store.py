@@ -155,8 +155,7 @@ class Store:
         out: dict[str, bytes] = {}
         for fname, digest in sorted(files.items()):
             try:
-                data = self._call("downloading a blob", functools.partial(self.fs.cat_file, self.blob_path(digest)),
-                                  emit)
+                data = self._call("downloading a blob", functools.partial(self.fs.cat_file, self.blob_path(digest)), emit)
             except FileNotFoundError:
                 self._problem(f"cache: blob {digest[:12]} of {what}/{fname} is missing; building locally", emit)
                 return None
