@@ -5,13 +5,14 @@ Only data lives here; what the manifest *means* (which stages run) is decided in
 from __future__ import annotations
 
 import difflib
+import functools
 import glob as _glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from . import yamlio
 from .errors import ImageError, ManifestError
@@ -52,19 +53,11 @@ class RandomSource(_Strict):
     random: RandomWeights
 
 
-class Source(_Strict):
-    format: Literal["fastreid"] = Field(description="Training framework of the checkpoint.")
-    config: str = Field(description="fast-reid config.yml (relative to the manifest); _BASE_ honoured.")
-    weights: Union[str, RandomSource] = Field(description="model_final.pth, or {random: {seed: N}}.")
-    opts: dict[str, Union[str, int, float, bool, list[Union[str, int, float, bool]]]] = Field(
-        default_factory=dict, description="Config overrides like fast-reid's --opts, dotted keys."
-    )
-    model_code: Optional[str] = Field(
-        None, min_length=1,
-        description="Opt in to building the model with your own fast-reid code instead of reidbuild's built-in "
-        "architectures: the folder holding your fork's fastreid package (relative to the manifest), or "
-        "'installed' for this Python's fastreid package. Runs that code; its .py files are hashed into the lock.",
-    )
+class SourceSpec(_Strict):
+    """The manifest's ``source`` section: each model source (``reidbuild.sources``) subclasses it with its own
+    fields and ``format`` as a one-value Literal; ``manifest_model()`` accepts the registered ones."""
+
+    format: str
 
 
 class Input(_Strict):
@@ -169,7 +162,7 @@ class Parity(_Strict):
 class Manifest(_Strict):
     version: Literal[1]
     name: str
-    source: Source
+    source: SourceSpec  # one of the registered sources' specs: see manifest_model()
     input: Input
     output_dir: str
     targets: Targets = Field(default_factory=Targets)
@@ -204,6 +197,21 @@ class Manifest(_Strict):
             if missing:
                 raise ValueError(f"parity.backends {missing} are not declared under targets")
         return self
+
+
+def manifest_model() -> type[Manifest]:
+    """The model that validates manifests: ``Manifest`` with ``source`` any registered source's section,
+    chosen by its ``format`` (``reidbuild.sources`` registers them)."""
+    from . import sources
+
+    return _manifest_for(sources.spec_types())
+
+
+@functools.lru_cache(maxsize=8)
+def _manifest_for(specs: tuple[type[SourceSpec], ...]) -> type[Manifest]:
+    # one source: its own model, so its errors read exactly as they always did (no union tag in the way)
+    source: Any = specs[0] if len(specs) == 1 else Annotated[Union[specs], Field(discriminator="format")]
+    return create_model("Manifest", __base__=Manifest, source=(source, ...))
 
 
 @dataclass(frozen=True)
@@ -250,28 +258,36 @@ def _did_you_mean(word: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f" (expected one of: {', '.join(sorted(options))})"
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model owning the mapping at ``loc`` (for 'did you mean' suggestions)."""
-    model: Any = Manifest
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...], data: Any) -> type[BaseModel] | None:
+    """The pydantic model owning the mapping at ``loc`` of ``data`` (for 'did you mean' suggestions)."""
+    model: Any = root
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
         fld = model.model_fields.get(part) if isinstance(part, str) else None
         if fld is None:
             return None
-        model = _unwrap(fld.annotation)
+        data = data.get(part) if isinstance(data, dict) else None
+        model = _unwrap(fld.annotation, data)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _unwrap(tp: Any) -> Any:
-    for arg in getattr(tp, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return tp
+def _unwrap(tp: Any, data: Any) -> Any:
+    """The model in a union that ``data`` is meant for: the one whose Literal fields (a source's ``format``)
+    match it, else the first."""
+    members = [a for a in get_args(tp) if isinstance(a, type) and issubclass(a, BaseModel)]
+    for member in members:
+        tags = {k: get_args(f.annotation) for k, f in member.model_fields.items() if get_origin(f.annotation) is Literal}
+        if isinstance(data, dict) and all(data.get(k) in values for k, values in tags.items() if k in data):
+            return member
+    return members[0] if members else tp
 
 
-def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: type[BaseModel] = Manifest) -> str:
-    """One line for the first error: ``file:line:col: field.path: what was expected`` (+ count of others)."""
+def format_validation_error(doc: yamlio.Document, exc: ValidationError,
+                            root: Optional[type[BaseModel]] = None) -> str:
+    """One line for the first error: ``file:line:col: field.path: what was expected`` (+ count of others).
+
+    ``root`` is the model ``doc`` was validated against; None: the manifest."""
     errors = exc.errors(include_url=False)
     first = errors[0]
     data_loc = _data_loc(doc, first)
@@ -284,7 +300,7 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: ty
     field = ".".join(_show_key(p) for p in data_loc) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        owner = _model_at(tuple(data_loc[:-1])) if root is Manifest else None
+        owner = _model_at(manifest_model(), tuple(data_loc[:-1]), doc.data) if root is None else None
         if owner is not None:
             msg = f"unknown key{_did_you_mean(str(data_loc[-1]), list(owner.model_fields))}"
         else:
@@ -293,6 +309,12 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: ty
         msg = "required key is missing"
     elif first["type"] == "literal_error":
         msg = f"got {first.get('input')!r}; {msg.lower()}"
+    elif first["type"] in ("union_tag_invalid", "union_tag_not_found"):  # source.format, several sources known
+        ctx = first.get("ctx", {})
+        data_loc = [*data_loc, str(ctx.get("discriminator", "format")).strip("'")]
+        field = ".".join(_show_key(p) for p in data_loc)
+        msg = (f"got {ctx.get('tag')!r}; expected one of: {ctx.get('expected_tags')}"
+               if first["type"] == "union_tag_invalid" else "required key is missing")
     msg = msg.replace("Value error, ", "")
     more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     where = doc.where(tuple(data_loc[:-1]) if first["type"] == "missing" else tuple(data_loc))
@@ -330,7 +352,7 @@ def load_manifest(path: Path) -> LoadedManifest:
     path = Path(path).absolute()
     doc = yamlio.load_mapping(path, "manifest", ManifestError, "version, name, source, input, output_dir, ...")
     try:
-        model = Manifest.model_validate(doc.data)
+        model = manifest_model().model_validate(doc.data)
     except ValidationError as exc:
         raise ManifestError(format_validation_error(doc, exc)) from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -343,7 +365,7 @@ def load_manifest(path: Path) -> LoadedManifest:
 
 def json_schema() -> str:
     """The manifest's JSON Schema, for editors."""
-    schema = Manifest.model_json_schema()
+    schema = manifest_model().model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "reidbuild manifest"
     return json.dumps(schema, indent=2, sort_keys=True)

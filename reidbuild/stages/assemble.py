@@ -17,6 +17,7 @@ from ..backends.base import Runner
 from ..manifest import LoadedManifest
 from ..pipeline import Stage
 from ..probe import PROBE_COUNT
+from ..sources import open_source
 from . import ArtifactRef
 from .load import load_stage
 from .onnx import export_stage, simplify_stage
@@ -90,7 +91,8 @@ def assemble(lm: LoadedManifest) -> Assembly:
     images: Optional[list[Path]] = lm.images("parity", "images") if parity else None
     # the self-checks of load and every ONNX-writing stage run on the first parity images (person-like without)
     probe_paths = images[:PROBE_COUNT] if images else None
-    load, load_ref, cfg = load_stage(lm, probe_paths)
+    source = open_source(lm)
+    load, load_ref = load_stage(lm, source, probe_paths)
     stages.append(load)
 
     # ONNX chain: the last ONNX stage writes <name>.onnx
@@ -99,7 +101,7 @@ def assemble(lm: LoadedManifest) -> Assembly:
     chain = ["export"] + (["simplify"] if onnx_t.simplify else []) + (["patch"] if onnx_patches else [])
     files = {"export": f"{name}.export.onnx", "simplify": f"{name}.sim.onnx", "patch": f"{name}.onnx"}
     files[chain[-1]] = f"{name}.onnx"
-    st, ref = export_stage(lm, cfg, load_ref, files["export"], probe_paths)
+    st, ref = export_stage(lm, source, load_ref, files["export"], probe_paths)
     stages.append(st)
     if onnx_t.simplify:
         st, ref = simplify_stage(lm, ref, files["simplify"], probe_paths)
@@ -189,7 +191,7 @@ def assemble(lm: LoadedManifest) -> Assembly:
                                          output_transforms=onnx_transforms)
             # the reduced-precision ONNX is proven on the CPU before any engine is built
             if images is not None:
-                stages.append(parity_stage(lm, cfg, load_ref, check(key, default_tolerance(key)), images))
+                stages.append(parity_stage(lm, source, load_ref, check(key, default_tolerance(key)), images))
         engine = engine_stage(tt, engine_src, name)
         engine_ref = ArtifactRef(engine.name, next(f for f in engine.outputs if f.endswith(".engine")))
 
@@ -207,17 +209,17 @@ def assemble(lm: LoadedManifest) -> Assembly:
         st, backends["onnx_int8_cpu"] = _int8_cpu(lm, final_onnx, layout, onnx_transforms, probe_paths)
         stages.append(st)
         if images is not None:  # the manifest validator demands a parity section for this target
-            stages.append(parity_stage(lm, cfg, load_ref, check("onnx_int8_cpu", default_tolerance("onnx_int8_cpu")),
+            stages.append(parity_stage(lm, source, load_ref, check("onnx_int8_cpu", default_tolerance("onnx_int8_cpu")),
                                        images))
 
     # every check this machine can do runs before the engine, which may be unavailable here (exit 3)
     for b in wanted:
         if b != "tensorrt":
-            stages.append(parity_stage(lm, cfg, load_ref, check(b, fp32_or_precision_profile(b)), images))
+            stages.append(parity_stage(lm, source, load_ref, check(b, fp32_or_precision_profile(b)), images))
     if engine is not None:
         stages.append(engine)
         if "tensorrt" in wanted:
-            stages.append(parity_stage(lm, cfg, load_ref, check("tensorrt", fp32_or_precision_profile("tensorrt")),
+            stages.append(parity_stage(lm, source, load_ref, check("tensorrt", fp32_or_precision_profile("tensorrt")),
                                        images))
         if images:
             from ..rebuild import runner_equivalence
