@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from . import yamlio
 from .errors import ImageError, ManifestError
@@ -210,8 +211,21 @@ def manifest_model() -> type[Manifest]:
 @functools.lru_cache(maxsize=8)
 def _manifest_for(specs: tuple[type[SourceSpec], ...]) -> type[Manifest]:
     # one source: its own model, so its errors read exactly as they always did (no union tag in the way)
-    source: Any = specs[0] if len(specs) == 1 else Annotated[Union[specs], Field(discriminator="format")]
+    source: Any = specs[0]
+    if len(specs) > 1:  # tagged by format (a callable: a field discriminator may not have a before-validator)
+        tagged = tuple(Annotated[s, Tag(_source_format(s))] for s in specs)
+        source = Annotated[Union[tagged], Discriminator(_format_of)]
     return create_model("Manifest", __base__=Manifest, source=(source, ...))
+
+
+def _source_format(spec: type[SourceSpec]) -> str:
+    """The one ``format`` value a source section declares (its Literal)."""
+    return str(get_args(spec.model_fields["format"].annotation)[0])
+
+
+def _format_of(value: Any) -> Any:
+    """The ``format`` of a source section, as data or as a validated model."""
+    return value.get("format") if isinstance(value, dict) else getattr(value, "format", None)
 
 
 @dataclass(frozen=True)
@@ -275,7 +289,8 @@ def _model_at(root: type[BaseModel], loc: tuple[Any, ...], data: Any) -> type[Ba
 def _unwrap(tp: Any, data: Any) -> Any:
     """The model in a union that ``data`` is meant for: the one whose Literal fields (a source's ``format``)
     match it, else the first."""
-    members = [a for a in get_args(tp) if isinstance(a, type) and issubclass(a, BaseModel)]
+    args = [get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(tp)]  # tagged members
+    members = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
     for member in members:
         tags = {k: get_args(f.annotation) for k, f in member.model_fields.items() if get_origin(f.annotation) is Literal}
         if isinstance(data, dict) and all(data.get(k) in values for k, values in tags.items() if k in data):
@@ -311,7 +326,7 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError,
         msg = f"got {first.get('input')!r}; {msg.lower()}"
     elif first["type"] in ("union_tag_invalid", "union_tag_not_found"):  # source.format, several sources known
         ctx = first.get("ctx", {})
-        data_loc = [*data_loc, str(ctx.get("discriminator", "format")).strip("'")]
+        data_loc = [*data_loc, "format"]  # the one tagged union: source sections, tagged by format
         field = ".".join(_show_key(p) for p in data_loc)
         msg = (f"got {ctx.get('tag')!r}; expected one of: {ctx.get('expected_tags')}"
                if first["type"] == "union_tag_invalid" else "required key is missing")

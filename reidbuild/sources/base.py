@@ -67,6 +67,7 @@ class ModelSource(ABC):
     def check_input(self, height: int, width: int) -> None:
         """Refuse, at plan time, an input size the model cannot take (ManifestError/ConfigError); any by
         default."""
+        return None
 
     def facts(self) -> dict[str, Any]:
         """What the load stage's lock record keeps beside the fingerprint (not part of it)."""

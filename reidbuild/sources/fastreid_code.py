@@ -117,7 +117,8 @@ class FastReidCodeSource(FastReidSource):
             importlib.import_module("fastreid.modeling")
         except Exception as exc:  # noqa: BLE001 - importing the user's code may raise anything
             raise ManifestError(f"{self._where()}: importing fastreid from {root} failed: {one_line(exc)}") from None
-        if not Path(fastreid.__file__).resolve().is_relative_to(root):
+        origin = fastreid.__file__
+        if origin is None or not Path(origin).resolve().is_relative_to(root):
             raise ManifestError(f"{self._where()}: fastreid was imported from {fastreid.__file__}, not from {root}")
         return fastreid
 
