@@ -215,7 +215,24 @@ def _manifest_for(specs: tuple[type[SourceSpec], ...]) -> type[Manifest]:
     if len(specs) > 1:  # tagged by format (a callable: a field discriminator may not have a before-validator)
         tagged = tuple(Annotated[s, Tag(_source_format(s))] for s in specs)
         source = Annotated[Union[tagged], Discriminator(_format_of)]
-    return create_model("Manifest", __base__=Manifest, source=(source, ...))
+    model = create_model("Manifest", __base__=Manifest, source=(source, ...))
+    # pickled by reference: a module-level name (recreated on first use in another process, see __getattr__)
+    model.__qualname__ = _dynamic_name(specs)
+    globals()[model.__qualname__] = model
+    return model
+
+
+def _dynamic_name(specs: tuple[type[SourceSpec], ...]) -> str:
+    return "Manifest_" + "_".join(_source_format(s) for s in specs)
+
+
+def __getattr__(name: str) -> Any:
+    """A validating manifest model by its pickled name, made on first use in this process (unpickling)."""
+    if name.startswith("Manifest_"):
+        model = manifest_model()
+        if model.__qualname__ == name:
+            return model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _source_format(spec: type[SourceSpec]) -> str:
