@@ -24,10 +24,7 @@ def release_model(ctx: StageContext) -> None:
     Parity stages run last and share one reference pass, so after that pass only a stage asking again (none
     does today) would rebuild it.
     """
-    if ctx.cache.pop("torch_model", None) is not None:
-        import gc
-
-        gc.collect()
+    ctx.cache.pop("torch_model", None)  # a module tree holds no reference cycles: freed right here
 
 
 def load_stage(lm: LoadedManifest, source: ModelSource,
