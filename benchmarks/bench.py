@@ -110,11 +110,11 @@ def bench_ort_vs_torch(manifest: Path, seconds: float, rounds: int) -> None:
 
     from reidbuild.backends.onnxruntime import OnnxRuntimeRunner
     from reidbuild.manifest import load_manifest
-    from reidbuild.stages.load import build_torch_model, model_config
+    from reidbuild.sources import open_source
     from reidbuild.testing import person_like_images
 
     lm = load_manifest(manifest)
-    model = build_torch_model(lm, model_config(lm))
+    model = open_source(lm).build_model()
     runner = OnnxRuntimeRunner(lm.output_dir / f"{lm.model.name}.onnx")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     for bs in (1, 8):

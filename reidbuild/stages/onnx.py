@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply
 from ..errors import StageFailed
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
+from ..sources import ModelSource
 from ..targets.onnx import onnx_target
 from . import ArtifactRef, probe_for
 from .load import model_from
@@ -124,7 +125,7 @@ def _check_record(probe: Probe, notes: list[str]) -> dict[str, Any]:
     return rec
 
 
-def export_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, out_file: str,
+def export_stage(lm: LoadedManifest, source: ModelSource, load: ArtifactRef, out_file: str,
                  probe_paths: Optional[Sequence[Path]] = None) -> Stage:
     """``onnx.export`` (output: ``out_file``); its self-check runs the export on ``probe_paths`` (the first parity images, or
     person-like images) and blames the exporter only for non-finite outputs PyTorch does not give too."""
@@ -138,7 +139,7 @@ def export_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, out
         from ..backends.torch import TorchRunner
 
         ctx.progress("export steps (trace, check)", 0, 2)
-        model = model_from(ctx, lm, cfg)
+        model = model_from(ctx, source)
         data = export_onnx(model, h, w, t.opset, t.dynamic_batch)
         ctx.progress("export steps (trace, check)", 1, 2)
         probe = probe_for(ctx, lm.model.input, probe_paths)
