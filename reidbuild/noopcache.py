@@ -316,7 +316,9 @@ def _collect(watcher: Watcher, output_dir: str, stages: int, summary: str) -> Op
     files = set(watcher.opened) | _module_files() | _cached_paths(os.path.join(output_dir, STATE_NAME))
     files |= {os.path.join(output_dir, n) for n in os.listdir(output_dir) if not _is_ours(n)}
     files.add(os.path.splitext(os.path.abspath(watcher.manifest))[0] + ".lock")
-    dirs = watcher.listed | {os.path.dirname(f) for f in files} | _import_dirs() | {output_dir}
+    opened_dirs = {f for f in files if os.path.isdir(f)}  # a folder opened to fsync it, or listed by fd
+    files -= opened_dirs
+    dirs = watcher.listed | opened_dirs | {os.path.dirname(f) for f in files} | _import_dirs() | {output_dir}
     keys: dict[str, Optional[list[Any]]] = {}
     now = time.time_ns()
     for path in sorted(files):
