@@ -219,7 +219,8 @@ class Watcher:
         self.opened: set[str] = set()
         self.listed: set[str] = set()
         self.run_locks: set[str] = set()
-        self.spawned: list[str] = []  # programs run: their versions are outside any record, so no record
+        self.spawned: list[str] = []  # programs run (their versions are outside any record) or events not
+        # understood: either means no record
         self.active = True
         self.out, self.err = _Tee(sys.stdout), _Tee(sys.stderr)
 
@@ -241,6 +242,12 @@ class Watcher:
             self.spawned.append(event)
         if event not in ("open", "os.listdir", "os.scandir"):
             return
+        try:
+            self._note(event, args)
+        except Exception:  # noqa: BLE001 - an audit hook's error would fail the run's own open: no record instead
+            self.spawned.append(f"{event} (not understood)")
+
+    def _note(self, event: str, args: tuple[Any, ...]) -> None:
         path = args[0] if args else "."
         if isinstance(path, bytes):
             path = os.fsdecode(path)
@@ -269,8 +276,12 @@ def watch(argv: list[str]) -> None:
     manifest = fast_manifest(argv)
     if manifest is None or _watcher is not None:
         return
-    _watcher = Watcher(argv, manifest)
-    _watcher.start()
+    try:
+        watcher = Watcher(argv, manifest)
+    except Exception:  # noqa: BLE001 - e.g. a working folder that no longer exists: the run goes on, unrecorded
+        return
+    _watcher = watcher
+    watcher.start()
 
 
 def forget(manifest: str) -> None:
