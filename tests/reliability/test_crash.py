@@ -238,7 +238,8 @@ class Trial:
         ctx = f"after a kill at {where}"
         names = {p.name for p in self.out.iterdir()} if self.out.exists() else set()
         temps = {p.name for p in temp_files(self.out)}
-        for n in sorted(names - temps - {".reidbuild.pid", ".reidbuild-hashes.json"}):  # run lock, stat cache
+        bookkeeping = {".reidbuild.pid", ".reidbuild-hashes.json", ".reidbuild-run.json"}  # run lock, stat cache, run record
+        for n in sorted(names - temps - bookkeeping):
             assert n in {**a, **b} or n in volatile, f"{ctx}: unexpected file {n} in the output folder"
             if n in volatile:
                 assert (self.out / n).read_text().rstrip().endswith("</html>"), f"{ctx}: {n} is a partial file"
