@@ -301,7 +301,8 @@ def net_to_text(msg: Any) -> str:
 
 def net_to_binary(msg: Any) -> bytes:
     """Deterministic binary serialization (for the ``.caffemodel``)."""
-    return msg.SerializeToString(deterministic=True)
+    data: bytes = msg.SerializeToString(deterministic=True)
+    return data
 
 
 def _varint(n: int) -> bytes:
