@@ -226,7 +226,7 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    from ..backends.onnxruntime import adapt_input
+    from ..backends.inputs import adapt_input, graph_layout
 
     if method not in METHODS:
         raise StageFailed(f"int8: unknown calibration method {method!r} (expected one of {', '.join(METHODS)})")
@@ -264,7 +264,7 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
     elif method == "percentile":
         cal_opts.update(num_bins=PERCENTILE_BINS, percentile=float(percentile))
     if adapt is None:  # no graph-patch knowledge given: infer the feed from the input's declared type
-        adapt = lambda b: adapt_input(b, in_type, shape)  # noqa: E731
+        adapt = lambda b: adapt_input(graph_layout(in_type, shape), b)  # noqa: E731
     ranges_path = workdir / "ranges.json"
     out_path = workdir / "int8.onnx"
     quiet = io.StringIO()

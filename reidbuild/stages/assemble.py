@@ -143,7 +143,7 @@ def assemble(lm: LoadedManifest) -> Assembly:
         def caffe_runner(resolve: Callable[[str], Path], p=proto_ref, c=model_ref) -> Runner:
             from ..backends import caffe as caffe_backend  # numpy and friends: only when a stage runs
 
-            return caffe_backend.CaffeRunner(resolve(p.file), resolve(c.file), runtime="auto")
+            return caffe_backend.CaffeRunner(resolve(p.file), resolve(c.file), runtime="auto", dialect=ct.dialect)
 
         def caffe_available() -> Optional[str]:
             from ..backends import caffe as caffe_backend

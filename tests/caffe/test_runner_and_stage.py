@@ -41,7 +41,7 @@ def test_runner_protocol_describe_and_any_batch(runtime, tmp_path):
     need(runtime)
     module = _tiny()
     proto, caffemodel, _ = write_caffe(tmp_path, export(module, (1, 3, 8, 6)), "ceil_mode", (2, 3, 8, 6))
-    r = backend.CaffeRunner(proto, caffemodel, runtime)
+    r = backend.CaffeRunner(proto, caffemodel, runtime, dialect="ceil_mode")
     assert isinstance(r, Runner) and r.name == "caffe"
     d = r.describe()
     assert d["runtime"] == runtime and d["version"] and d["device"] == "cpu"
@@ -55,7 +55,7 @@ def test_runner_protocol_describe_and_any_batch(runtime, tmp_path):
 def test_auto_prefers_pycaffe(tmp_path):
     need("pycaffe")
     proto, caffemodel, _ = write_caffe(tmp_path, export(_tiny(), (1, 3, 8, 6)), "bvlc", (1, 3, 8, 6))
-    assert backend.CaffeRunner(proto, caffemodel).runtime == "pycaffe"
+    assert backend.CaffeRunner(proto, caffemodel, dialect="bvlc").runtime == "pycaffe"
 
 
 @pytest.mark.parametrize("runtime", ["pycaffe", "opencv"])
@@ -67,7 +67,7 @@ def test_batch_specific_net_is_run_at_its_own_batch(runtime, tmp_path):
     text = text.replace('type: "Flatten"', 'type: "Reshape"\n  reshape_param {\n    shape {\n      dim: 2\n'
                                            '      dim: -1\n    }\n  }')
     proto.write_text(text)
-    r = backend.CaffeRunner(proto, caffemodel, runtime)
+    r = backend.CaffeRunner(proto, caffemodel, runtime, dialect="bvlc")
     assert not r.batch_agnostic
     x = rand((3, 3, 8, 6), seed=2, low=0, high=255)
     np.testing.assert_allclose(r.infer(x), torch_ref(module, x), rtol=1e-5, atol=1e-4)
@@ -76,11 +76,11 @@ def test_batch_specific_net_is_run_at_its_own_batch(runtime, tmp_path):
 def test_runner_rejects_wrong_input(tmp_path):
     need("opencv")
     proto, caffemodel, _ = write_caffe(tmp_path, export(_tiny(), (1, 3, 8, 6)), "bvlc", (1, 3, 8, 6))
-    r = backend.CaffeRunner(proto, caffemodel, "opencv")
+    r = backend.CaffeRunner(proto, caffemodel, "opencv", dialect="bvlc")
     with pytest.raises(StageFailed, match="expects"):
         r.infer(np.zeros((1, 3, 6, 8), np.float32))
     with pytest.raises(StageFailed, match="not found"):
-        backend.CaffeRunner(proto, tmp_path / "missing.caffemodel", "opencv")
+        backend.CaffeRunner(proto, tmp_path / "missing.caffemodel", "opencv", dialect="bvlc")
 
 
 @pytest.mark.parametrize("dialect", ["bvlc", "ceil_mode"])
@@ -131,11 +131,12 @@ def test_pycaffe_problems_are_errors_not_aborts(tmp_path):
     """libcaffe aborts the process on a bad prototxt; the runner checks first and raises instead."""
     need("pycaffe")
     proto, caffemodel, text = write_caffe(tmp_path, export(_tiny(), (1, 3, 8, 6)), "ceil_mode", (1, 3, 8, 6))
-    assert backend.CaffeRunner(proto, caffemodel, "pycaffe").describe()["pooling_field_13"] == "ceil_mode"
+    runner = backend.CaffeRunner(proto, caffemodel, "pycaffe", dialect="ceil_mode")
+    assert runner.describe()["pooling_field_13"] == "ceil_mode"
     proto.write_text(text.replace("ceil_mode: false", "round_mode: FLOOR"))
     with pytest.raises(StageFailed, match="cannot parse the prototxt"):
-        backend.CaffeRunner(proto, caffemodel, "pycaffe")
+        backend.CaffeRunner(proto, caffemodel, "pycaffe", dialect="ceil_mode")
     proto.write_text(text)
     caffemodel.write_bytes(b"\xff\xff\xff")
     with pytest.raises(StageFailed, match="not a Caffe NetParameter"):
-        backend.CaffeRunner(proto, caffemodel, "pycaffe")
+        backend.CaffeRunner(proto, caffemodel, "pycaffe", dialect="ceil_mode")
