@@ -140,3 +140,13 @@ def test_pycaffe_problems_are_errors_not_aborts(tmp_path):
     caffemodel.write_bytes(b"\xff\xff\xff")
     with pytest.raises(StageFailed, match="not a Caffe NetParameter"):
         backend.CaffeRunner(proto, caffemodel, "pycaffe", dialect="ceil_mode")
+
+
+def test_runner_reads_the_net_with_the_declared_dialect(tmp_path):
+    """The dialect is passed in (from the manifest), never guessed from the prototxt; an unknown one is refused."""
+    need("opencv")
+    proto, caffemodel, _ = write_caffe(tmp_path, export(_tiny(), (1, 3, 8, 6)), "ceil_mode", (1, 3, 8, 6))
+    r = backend.CaffeRunner(proto, caffemodel, "opencv", dialect="ceil_mode")
+    assert r.dialect == "ceil_mode" and r.output_layer == "output" and r.input_shape == (1, 3, 8, 6)
+    with pytest.raises(StageFailed, match="unknown Caffe dialect 'fork'"):
+        backend.CaffeRunner(proto, caffemodel, "opencv", dialect="fork")
