@@ -1,4 +1,7 @@
-"""Graph patch ops on Caffe nets (prototxt + caffemodel), the check run after every patch, and shapes.
+"""Graph patch ops on Caffe nets (prototxt + caffemodel), and the check run after every patch.
+
+Shapes (to check a patched net, or whether a pooling layer changes size when its rounding changes) come from
+:mod:`reidbuild.caffe.shapes`, the arithmetic the converter uses too; selection is :mod:`.selector`'s.
 
 Caffe names blobs, and in-place layers (ReLU with ``bottom: x  top: x``) reuse a name for a new value. To
 edit without getting that wrong, a net is held in SSA form while a patch runs: every top creates a

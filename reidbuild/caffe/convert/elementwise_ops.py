@@ -176,7 +176,7 @@ def _binary_blobs(cv: Converter, op: str, xa: str, xb: str, out: str, out_shape:
     # one operand broadcast over the other: Caffe's two-bottom Scale (products) only
     if op not in ("Mul", "Div"):
         raise cv.refuse(f"{op} of computed tensors {list(sa)} and {list(sb)} needs a broadcast sum "
-                          "(only broadcast products map to Caffe's Scale layer)")
+                        "(only broadcast products map to Caffe's Scale layer)")
     if op == "Div":
         if pa != out_shape:
             raise cv.refuse(f"Div broadcasting the dividend {list(sa)} to {list(out_shape)}")
@@ -188,7 +188,7 @@ def _binary_blobs(cv: Converter, op: str, xa: str, xb: str, out: str, out_shape:
     rng = _span(ps, out_shape)
     if rng is None:
         raise cv.refuse(f"{op} broadcast of {list(ps)} over {list(out_shape)} is not a contiguous "
-                          "run of axes (Caffe's Scale layer cannot express it)")
+                        "run of axes (Caffe's Scale layer cannot express it)")
     lo, hi = rng
     big = cv.view(big, out_shape)
     small = cv.view(small, out_shape[lo:hi])
@@ -233,7 +233,7 @@ def _binary_const(cv: Converter, node: Any, op: str, a: str, b: str, out_shape: 
     rng = _span(pc, out_shape, allow_inner_ones=True)
     if rng is None:
         raise cv.refuse(f"a constant of shape {list(c.shape)} broadcast over {list(out_shape)} is not a "
-                          "contiguous run of axes")
+                        "contiguous run of axes")
     lo, hi = rng
     if lo == 0 and out_shape[0] != 1:
         raise cv.refuse(f"a constant of shape {list(c.shape)} varies along the batch axis")

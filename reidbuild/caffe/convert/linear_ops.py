@@ -43,7 +43,7 @@ def _inner_product(cv: Converter, x: str, out: str, w: np.ndarray, bias: Optiona
         p["axis"] = axis
     blobs = [w.astype(np.float32)] + ([np.asarray(bias, np.float32)] if bias is not None else [])
     y = cv.emit("InnerProduct", [x], out, s[:axis] + (int(w.shape[0]),), {"inner_product_param": p}, blobs,
-                  suffix=suffix)
+                suffix=suffix)
     if not suffix:
         cv.set(out, y)
     return y
@@ -69,7 +69,7 @@ def op_mat_mul(cv: Converter, node: Any) -> None:
         qr = _matmul(cv, la.right, r, out, "reassoc_qr")
         if qr is None:
             raise cv.refuse(f"the reassociated product {list(cv.net.shapes[la.right])} x "
-                              f"{list(cv.net.shapes[r])} has no Caffe form")
+                            f"{list(cv.net.shapes[r])} has no Caffe form")
         if la.scale != 1.0:
             qr = cv.power(qr, out, scale=la.scale, suffix="reassoc_scale")
         y = _matmul(cv, la.left, qr, out, "")
@@ -87,7 +87,7 @@ def op_mat_mul(cv: Converter, node: Any) -> None:
         cv.lazy[out] = Lazy("matmul", tuple(sa[:-1]) + (sb[-1],), cv.node_label, left=xa, right=xb)
         return
     raise cv.refuse(f"a product of two computed tensors {list(sa)} x {list(sb)} (Caffe has no batched "
-                      "matrix product; only dot products and per-row scalings map to stock layers)")
+                    "matrix product; only dot products and per-row scalings map to stock layers)")
 
 
 def _reassociable(cv: Converter, name: str) -> bool:
@@ -126,7 +126,7 @@ def _matmul(cv: Converter, xa: str, xb: str, out: str, suffix: str) -> Optional[
     if m == 1 and n == 1:  # dot product per batch entry: elementwise product, then a sum by ones
         va, vb = cv.view(xa, (bn, k)), cv.view(xb, (bn, k))
         prod = cv.emit("Eltwise", [va, vb], out, (bn, k), {"eltwise_param": {"operation": "PROD"}},
-                         suffix=sfx("dot_prod"))
+                       suffix=sfx("dot_prod"))
         y = _inner_product(cv, prod, out, np.ones((1, k), np.float32), None, axis=1, suffix=sfx("dot_sum"))
         return cv.view(y, out_shape)
     if k == 1 and (n == 1 or m == 1):  # a vector times a per-batch scalar
@@ -134,7 +134,7 @@ def _matmul(cv: Converter, xa: str, xb: str, out: str, suffix: str) -> Optional[
         v = cv.view(vec, (bn, 1, length))
         sc = cv.view(sca, (bn, 1))
         y = cv.emit("Scale", [v, sc], out, (bn, 1, length), {"scale_param": {"axis": 0}},
-                      suffix=sfx("scale"))
+                    suffix=sfx("scale"))
         return cv.view(y, out_shape)
     return None
 

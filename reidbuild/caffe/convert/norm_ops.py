@@ -50,13 +50,13 @@ def op_instance_normalization(cv: Converter, node: Any) -> None:
     cen = cv.emit("MVN", [x4], out, s4, {"mvn_param": {"normalize_variance": False}}, suffix="center")
     sq = cv.emit("Eltwise", [cen, cen], out, s4, {"eltwise_param": {"operation": "PROD"}}, suffix="square")
     var = cv.emit("Pooling", [sq], out, (n, c, 1, 1), {"pooling_param": {"pool": "AVE",
-                                                                           "global_pooling": True}},
-                    suffix="variance")
+                                                                         "global_pooling": True}},
+                  suffix="variance")
     inv = cv.power(var, out, power=-0.5, shift=eps, suffix="rstd")
     inv2 = cv.view(inv, (n, c))
     nrm = cv.emit("Scale", [cen, inv2], out, s4, {"scale_param": {"axis": 0}}, suffix="normalize")
     y = cv.emit("Scale", [nrm], out, s4, {"scale_param": {"axis": 1, "bias_term": True}}, [gamma, beta],
-                  suffix="" if len(s) == 4 else "affine")
+                suffix="" if len(s) == 4 else "affine")
     cv.set(out, cv.view(y, s))
 
 

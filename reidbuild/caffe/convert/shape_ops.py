@@ -100,7 +100,7 @@ def _slice_parts(cv: Converter, x: str, axis: int, points: list[int], outs: list
         tops.append((o if o else cv.net.unique_blob(f"{cv.node.output[0]}/part{i}"), tuple(shp)))
     name = cv.lname() if all(outs) else cv.lname(f"slice{axis}")
     return cv.net.add("Slice", name, [x], tops, {"slice_param": {"axis": axis, "slice_point": points}},
-                        top_is_onnx=True)
+                      top_is_onnx=True)
 
 
 def op_split(cv: Converter, node: Any) -> None:

@@ -91,7 +91,7 @@ def _pool(cv: Converter, node: Any, method: str) -> None:
     pads = _pads(cv, a, s[2:], k, st, [1, 1])
     if method == "AVE" and any(pads) and not a.get("count_include_pad", 0):
         raise cv.refuse("average pooling that excludes the padding from the divisor (count_include_pad=0); "
-                          "Caffe always counts it")
+                        "Caffe always counts it")
     if any(p >= kk for p, kk in zip(pads, k)):
         raise cv.refuse(f"padding {pads} not smaller than the kernel {k}")
     want = tuple(torch_pool_size(d, kk, ss, p, ceil) for d, kk, ss, p in zip(s[2:], k, st, pads))
@@ -144,7 +144,7 @@ def _global_pool(cv: Converter, node: Any, method: str) -> None:
     x4 = cv.view(x, s if len(s) == 4 else (s[0], s[1], s[2], 1))
     y = cv.emit("Pooling", [x4], node.output[0], (s[0], s[1], 1, 1),
                   {"pooling_param": {"pool": method, "global_pooling": True}},
-                  suffix="" if len(s) == 4 else "pool")
+                suffix="" if len(s) == 4 else "pool")
     cv.output_view(node.output[0], y, s[:2] + (1,) * (len(s) - 2))
 
 
@@ -182,7 +182,7 @@ def _reduce(cv: Converter, node: Any, method: str) -> None:
     if r == 4 and ax == [2, 3]:
         y = cv.emit("Pooling", [x], out, (s[0], s[1], 1, 1),
                       {"pooling_param": {"pool": method if method != "SUM" else "AVE", "global_pooling": True}},
-                      suffix="" if last and keep else "pool")
+                    suffix="" if last and keep else "pool")
     else:
         v = cv.view(x, (s[0], math.prod(s[1:lo]), red, math.prod(s[hi:])))
         vs = cv.net.shapes[v]
