@@ -150,3 +150,28 @@ def test_runner_reads_the_net_with_the_declared_dialect(tmp_path):
     assert r.dialect == "ceil_mode" and r.output_layer == "output" and r.input_shape == (1, 3, 8, 6)
     with pytest.raises(StageFailed, match="unknown Caffe dialect 'fork'"):
         backend.CaffeRunner(proto, caffemodel, "opencv", dialect="fork")
+
+
+def test_infer_runs_caffe_in_the_manifests_dialect(tmp_path):
+    """`infer --backend caffe` builds its runner with targets.caffe.dialect (through the lock-checked artifacts)."""
+    need("pycaffe")
+    from click.testing import CliRunner
+
+    from reidbuild.cli import main
+    from reidbuild.infer import make_runner
+    from reidbuild.manifest import load_manifest
+    from tests.helpers import tiny_manifest
+
+    m = tiny_manifest(tmp_path, backends="[onnxruntime, caffe]", extra="targets:\n  caffe: {dialect: bvlc}\n")
+    r = CliRunner().invoke(main, ["apply", str(m)], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert make_runner(load_manifest(m), "caffe").dialect == "bvlc"
+    feats = {}
+    for name in ("caffe", "torch"):
+        r = CliRunner().invoke(main, ["infer", str(m), "--backend", name, "--input", str(tmp_path / "imgs" / "*.png"),
+                                      "--output", str(tmp_path / name)], catch_exceptions=False)
+        assert r.exit_code == 0, r.stderr
+        feats[name] = np.stack([np.load(f) for f in sorted((tmp_path / name).glob("*.npy"))])
+    assert feats["caffe"].shape == feats["torch"].shape == (5, 512)
+    # the parity tolerance the manifest uses by default, relative to the features' scale
+    np.testing.assert_allclose(feats["caffe"], feats["torch"], rtol=1e-3, atol=1e-3 * np.abs(feats["torch"]).max())
