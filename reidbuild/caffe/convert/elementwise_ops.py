@@ -17,6 +17,7 @@ from .walk import Converter, Handler
 
 
 def _unary(cv: Converter, type_: str, params: Optional[Params] = None) -> Callable[[Any], None]:
+    """A handler for a one-input activation that is one Caffe layer of the same shape."""
     def handler(node: Any) -> None:
         x = cv.blob(node.input[0])
         cv.set(node.output[0], cv.emit(type_, [x], node.output[0], cv.net.shapes[x], params))
@@ -52,18 +53,22 @@ def op_abs(cv: Converter, node: Any) -> None:
 
 
 def op_sqrt(cv: Converter, node: Any) -> None:
+    """Sqrt as Power(power=0.5): Caffe has no Sqrt layer."""
     cv.set(node.output[0], cv.power(cv.blob(node.input[0]), node.output[0], power=0.5))
 
 
 def op_reciprocal(cv: Converter, node: Any) -> None:
+    """1/x as Power(power=-1)."""
     cv.set(node.output[0], cv.power(cv.blob(node.input[0]), node.output[0], power=-1.0))
 
 
 def op_neg(cv: Converter, node: Any) -> None:
+    """-x as Power(scale=-1)."""
     cv.set(node.output[0], cv.power(cv.blob(node.input[0]), node.output[0], scale=-1.0))
 
 
 def op_pow(cv: Converter, node: Any) -> None:
+    """x ** e for a constant scalar exponent (Power); a computed exponent has no stock form."""
     if node.input[0] in cv.consts:
         raise cv.refuse("a constant raised to a computed power")
     e = cv.scalar(node.input[1], "the exponent")
@@ -74,6 +79,7 @@ def op_pow(cv: Converter, node: Any) -> None:
 
 
 def op_clip(cv: Converter, node: Any) -> None:
+    """Clip from ReLU and Power only (stock Caffe 1.0 has no Clip): max via relu(x - lo) + lo, min via hi - relu(hi - x)."""
     a = attrs(node)
     lo = a.get("min")
     hi = a.get("max")
@@ -105,6 +111,7 @@ def op_clip(cv: Converter, node: Any) -> None:
 
 
 def op_softmax(cv: Converter, node: Any) -> None:
+    """Softmax; before opset 13 ONNX flattens to 2-D at ``axis``, which a view reproduces."""
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
     r = len(s)
@@ -120,6 +127,7 @@ def op_softmax(cv: Converter, node: Any) -> None:
 
 
 def op_prelu(cv: Converter, node: Any) -> None:
+    """PReLU with one shared or per-channel slope (the only forms Caffe's PReLU has)."""
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
     slope = cv.const(node.input[1], "the slope")
@@ -134,6 +142,7 @@ def op_prelu(cv: Converter, node: Any) -> None:
 
 
 def _binary(cv: Converter, node: Any, op: str) -> None:
+    """Add/Sub/Mul/Div: constant operands, lazy broadcasts and two computed blobs each have their own form."""
     a, b = node.input[0], node.input[1]
     out = node.output[0]
     sa, sb = cv.shape(a), cv.shape(b)
@@ -155,6 +164,7 @@ def _binary(cv: Converter, node: Any, op: str) -> None:
 
 
 def _binary_blobs(cv: Converter, op: str, xa: str, xb: str, out: str, out_shape: Shape) -> None:
+    """Two computed operands: Eltwise when the shapes agree, else a broadcast product as Caffe's two-bottom Scale."""
     sa, sb = cv.net.shapes[xa], cv.net.shapes[xb]
     r = len(out_shape)
     pa = (1,) * (r - len(sa)) + sa
@@ -196,6 +206,7 @@ def _binary_blobs(cv: Converter, op: str, xa: str, xb: str, out: str, out_shape:
 
 
 def _binary_const(cv: Converter, node: Any, op: str, a: str, b: str, out_shape: Shape) -> None:
+    """One constant operand: a scalar becomes Power, a tensor a Scale (with bias for sums) over its contiguous axes."""
     out = node.output[0]
     const_first = a in cv.consts
     cname, xname = (a, b) if const_first else (b, a)
@@ -260,22 +271,27 @@ def _binary_const(cv: Converter, node: Any, op: str, a: str, b: str, out_shape: 
 
 
 def op_add(cv: Converter, node: Any) -> None:
+    """Add: see :func:`_binary`."""
     _binary(cv, node, "Add")
 
 
 def op_sub(cv: Converter, node: Any) -> None:
+    """Sub: see :func:`_binary`."""
     _binary(cv, node, "Sub")
 
 
 def op_mul(cv: Converter, node: Any) -> None:
+    """Mul: see :func:`_binary`."""
     _binary(cv, node, "Mul")
 
 
 def op_div(cv: Converter, node: Any) -> None:
+    """Div: see :func:`_binary`."""
     _binary(cv, node, "Div")
 
 
 def op_expand(cv: Converter, node: Any) -> None:
+    """Expand stays lazy: Caffe only broadcasts inside a product, so the consumer decides."""
     src = node.input[0]
     s = cv.shape(src)
     target = [int(d) for d in cv.const(node.input[1], "the target shape").reshape(-1)]

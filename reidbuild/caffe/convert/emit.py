@@ -17,6 +17,7 @@ from .net import Net
 
 
 def _fill(msg: Any, values: dict[str, Any]) -> None:
+    """Set the fields of protobuf ``msg`` from nested dicts (enum names, repeated and sub-messages)."""
     for key, v in values.items():
         fd = msg.DESCRIPTOR.fields_by_name.get(key)
         if fd is None:

@@ -13,6 +13,7 @@ from .walk import Converter, Handler
 
 
 def op_gemm(cv: Converter, node: Any) -> None:
+    """Gemm with constant weights as InnerProduct (alpha and beta folded into the blobs)."""
     a = attrs(node)
     if a.get("transA", 0):
         raise cv.refuse("Gemm with a transposed computed input")
@@ -35,6 +36,7 @@ def op_gemm(cv: Converter, node: Any) -> None:
 
 def _inner_product(cv: Converter, x: str, out: str, w: np.ndarray, bias: Optional[np.ndarray], axis: int,
                    suffix: str = "") -> str:
+    """An InnerProduct over the axes from ``axis`` on; binds ``out`` unless it is a helper (``suffix``)."""
     s = cv.net.shapes[x]
     p: dict[str, Any] = {"num_output": int(w.shape[0])}
     if bias is None:
@@ -50,6 +52,8 @@ def _inner_product(cv: Converter, x: str, out: str, w: np.ndarray, bias: Optiona
 
 
 def op_mat_mul(cv: Converter, node: Any) -> None:
+    """MatMul by a constant (InnerProduct), or of two computed tensors where an exact stock form exists
+    (or a reassociated chain)."""
     a, b = node.input[0], node.input[1]
     out = node.output[0]
     if a in cv.consts:

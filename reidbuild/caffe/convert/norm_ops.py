@@ -14,6 +14,7 @@ from .walk import Converter, Handler
 
 
 def op_batch_normalization(cv: Converter, node: Any) -> None:
+    """Inference BatchNorm as Caffe's BatchNorm (mean, variance, scale factor 1) then Scale (gamma, beta)."""
     a = attrs(node)
     if a.get("training_mode", 0):
         raise cv.refuse("training-mode batch normalisation")
@@ -34,6 +35,7 @@ def op_batch_normalization(cv: Converter, node: Any) -> None:
 
 
 def op_instance_normalization(cv: Converter, node: Any) -> None:
+    """InstanceNorm decomposed exactly (see the module docstring): Caffe's MVN puts eps in the wrong place."""
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
     if len(s) not in (3, 4):

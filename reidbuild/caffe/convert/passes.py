@@ -58,6 +58,7 @@ def finish(net: Net, out_blob: str) -> None:
 
 
 def _free_layer_name(net: Net, base: str) -> str:
+    """A layer name not used in ``net`` (the converter's name registry is gone by now)."""
     names = {l.name for l in net.layers}
     name, i = base, 1
     while name in names:
@@ -66,6 +67,7 @@ def _free_layer_name(net: Net, base: str) -> str:
 
 
 def _rename_layer(net: Net, layer: Layer, new: str) -> None:
+    """Give ``layer`` the name ``new``, moving a layer that already has it out of the way."""
     for other in net.layers:
         if other.name == new:
             other.name = _free_layer_name(net, new + "_")
@@ -73,6 +75,7 @@ def _rename_layer(net: Net, layer: Layer, new: str) -> None:
 
 
 def _rename_blob(net: Net, old: str, new: str) -> None:
+    """Rename a blob everywhere (and its shape entry), moving a blob that already has the name."""
     if old == new:
         return
     if new in net.shapes:
@@ -84,6 +87,7 @@ def _rename_blob(net: Net, old: str, new: str) -> None:
 
 
 def _uses(net: Net) -> dict[str, list[Layer]]:
+    """Blob -> the layers reading it."""
     u: dict[str, list[Layer]] = {}
     for l in net.layers:
         for b in l.bottom:
@@ -92,6 +96,7 @@ def _uses(net: Net) -> dict[str, list[Layer]]:
 
 
 def _dce(net: Net) -> bool:
+    """Drop layers that do not lead to ``output`` (the Input layer always stays); True when any was dropped."""
     needed = {"output"}
     keep = []
     for l in reversed(net.layers):
@@ -105,6 +110,7 @@ def _dce(net: Net) -> bool:
 
 
 def _producer(net: Net) -> dict[str, Layer]:
+    """Blob -> the layer writing it."""
     return {t: l for l in net.layers for t in l.top}
 
 

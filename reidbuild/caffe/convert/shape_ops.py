@@ -16,18 +16,21 @@ from .walk import Converter, Handler
 
 
 def op_dropout(cv: Converter, node: Any) -> None:
+    """Inference Dropout is the identity (its mask must be unused)."""
     if len(node.output) > 1 and node.output[1] and cv.consumers.get(node.output[1]):
         raise cv.refuse("the dropout mask is used")
     cv.alias(node)
 
 
 def op_cast(cv: Converter, node: Any) -> None:
+    """Only a cast to float32 is the identity in Caffe, which computes in float32 only."""
     if attrs(node).get("to") != 1:
         raise cv.refuse("Caffe computes in float32 only; casting a computed tensor to another type")
     cv.alias(node)
 
 
 def op_reshape(cv: Converter, node: Any) -> None:
+    """Reshape with a constant target shape (``0`` copies unless allowzero, ``-1`` infers)."""
     s = cv.shape(node.input[0])
     target = [int(d) for d in cv.const(node.input[1], "the target shape").reshape(-1)]
     try:
@@ -38,12 +41,14 @@ def op_reshape(cv: Converter, node: Any) -> None:
 
 
 def op_flatten(cv: Converter, node: Any) -> None:
+    """Flatten to 2-D at ``axis``."""
     s = cv.shape(node.input[0])
     axis = norm_axis(attrs(node).get("axis", 1), len(s))
     cv.reshape_to(node, (math.prod(s[:axis]), math.prod(s[axis:])))
 
 
 def op_squeeze(cv: Converter, node: Any) -> None:
+    """Squeeze: a reshape dropping size-1 axes."""
     s = cv.shape(node.input[0])
     axes = cv.axes(node)
     if axes is None:
@@ -55,6 +60,7 @@ def op_squeeze(cv: Converter, node: Any) -> None:
 
 
 def op_unsqueeze(cv: Converter, node: Any) -> None:
+    """Unsqueeze: a reshape inserting size-1 axes."""
     s = list(cv.shape(node.input[0]))
     axes = cv.axes(node)
     if axes is None:
@@ -66,6 +72,7 @@ def op_unsqueeze(cv: Converter, node: Any) -> None:
 
 
 def op_transpose(cv: Converter, node: Any) -> None:
+    """Transpose only when it moves no data (size-1 axes only); stock Caffe has no Permute."""
     s = cv.shape(node.input[0])
     perm = attrs(node).get("perm", list(range(len(s)))[::-1])
     out = tuple(s[p] for p in perm)
@@ -76,6 +83,7 @@ def op_transpose(cv: Converter, node: Any) -> None:
 
 
 def op_concat(cv: Converter, node: Any) -> None:
+    """Concat along one axis."""
     xs = [cv.blob(i) for i in node.input]
     shapes = [cv.net.shapes[x] for x in xs]
     r = len(shapes[0])
@@ -104,6 +112,7 @@ def _slice_parts(cv: Converter, x: str, axis: int, points: list[int], outs: list
 
 
 def op_split(cv: Converter, node: Any) -> None:
+    """Split as one Slice layer (equal parts by default, as ONNX splits)."""
     a = attrs(node)
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
@@ -138,6 +147,7 @@ def _take(cv: Converter, x: str, axis: int, start: int, end: int, out: Optional[
 
 
 def op_slice(cv: Converter, node: Any) -> None:
+    """Slice with constant bounds and step 1, one Caffe Slice per cut axis (unused parts are silenced)."""
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
     r = len(s)
@@ -172,6 +182,7 @@ def op_slice(cv: Converter, node: Any) -> None:
 
 
 def op_gather(cv: Converter, node: Any) -> None:
+    """Gather of constant contiguous indices as a Slice (plus a view when the axis is dropped)."""
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
     axis = norm_axis(attrs(node).get("axis", 0), len(s))

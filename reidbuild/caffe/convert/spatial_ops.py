@@ -20,6 +20,7 @@ from .walk import Converter, Handler
 
 def _pads(cv: Converter, a: dict[str, Any], spatial: Shape, kernel: list[int], strides: list[int],
           dilations: list[int]) -> list[int]:
+    """ONNX pads (explicit or auto_pad) as Caffe's (pad_h, pad_w); Caffe pads both sides equally."""
     auto = a.get("auto_pad", "NOTSET")
     if auto in ("NOTSET", ""):
         pads = list(a.get("pads", [0] * 4))
@@ -39,6 +40,7 @@ def _pads(cv: Converter, a: dict[str, Any], spatial: Shape, kernel: list[int], s
 
 
 def op_conv(cv: Converter, node: Any) -> None:
+    """2-D convolution (groups, dilation, bias) as Convolution; the output size uses Caffe's formula."""
     a = attrs(node)
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
@@ -72,10 +74,12 @@ def op_conv(cv: Converter, node: Any) -> None:
 
 
 def op_conv_transpose(cv: Converter, node: Any) -> None:
+    """Refused: transposed convolution is not supported by this converter."""
     raise cv.refuse("transposed convolution is not supported by this converter")
 
 
 def _pool(cv: Converter, node: Any, method: str) -> None:
+    """Max/average pooling with PyTorch's output size: ceil_mode written (fork) or the extra row/column sliced off (bvlc)."""
     a = attrs(node)
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
@@ -127,16 +131,19 @@ def _pool(cv: Converter, node: Any, method: str) -> None:
 
 
 def op_max_pool(cv: Converter, node: Any) -> None:
+    """MaxPool (row-major indices only, and only when unused)."""
     if attrs(node).get("storage_order", 0):
         raise cv.refuse("column-major max-pooling indices")
     _pool(cv, node, "MAX")
 
 
 def op_average_pool(cv: Converter, node: Any) -> None:
+    """AveragePool (padding counted in the divisor, as Caffe always counts it)."""
     _pool(cv, node, "AVE")
 
 
 def _global_pool(cv: Converter, node: Any, method: str) -> None:
+    """Global pooling of a 3-D or 4-D tensor."""
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
     if len(s) not in (3, 4):
@@ -149,14 +156,17 @@ def _global_pool(cv: Converter, node: Any, method: str) -> None:
 
 
 def op_global_average_pool(cv: Converter, node: Any) -> None:
+    """GlobalAveragePool."""
     _global_pool(cv, node, "AVE")
 
 
 def op_global_max_pool(cv: Converter, node: Any) -> None:
+    """GlobalMaxPool."""
     _global_pool(cv, node, "MAX")
 
 
 def _reduce(cv: Converter, node: Any, method: str) -> None:
+    """A reduction over adjacent non-batch axes as a Pooling layer (a sum is a mean times the count)."""
     a = attrs(node)
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
@@ -195,14 +205,17 @@ def _reduce(cv: Converter, node: Any, method: str) -> None:
 
 
 def op_reduce_mean(cv: Converter, node: Any) -> None:
+    """ReduceMean: see :func:`_reduce`."""
     _reduce(cv, node, "AVE")
 
 
 def op_reduce_max(cv: Converter, node: Any) -> None:
+    """ReduceMax: see :func:`_reduce`."""
     _reduce(cv, node, "MAX")
 
 
 def op_reduce_sum(cv: Converter, node: Any) -> None:
+    """ReduceSum: see :func:`_reduce`."""
     _reduce(cv, node, "SUM")
 
 
