@@ -34,7 +34,7 @@ class StageRecord:
     seconds: Optional[float] = None  # how long the stage ran when it was built (the report's timeline)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"fingerprint": self.fingerprint, "status": self.status, "params": self.params,
+        out: dict[str, Any] = {"fingerprint": self.fingerprint, "status": self.status, "params": self.params,
                "inputs": self.inputs, "outputs": self.outputs, "record": self.record, "tools": self.tools}
         if self.seconds is not None:
             out["seconds"] = self.seconds

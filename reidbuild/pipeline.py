@@ -101,7 +101,8 @@ class StageContext:
         if "_tmp" not in self.cache:
             # the PID in the name lets the next run remove it if this one is killed
             self.cache["_tmp"] = Path(tempfile.mkdtemp(prefix=f".tmp-work-{os.getpid()}-", dir=self.output_dir))
-        return self.cache["_tmp"]
+        scratch: Path = self.cache["_tmp"]
+        return scratch
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -331,7 +332,7 @@ def _restore_or_run(stage: Stage, fp: str, reasons: list[str], ctx: StageContext
     Returns (result, action key or None, restored?).
     """
     key = store.action_key(stage, fp) if store is not None else None
-    if key is not None and may_restore:
+    if store is not None and key is not None and may_restore:
         restored = store.restore(stage, key, emit)
         if restored is not None:
             return restored, key, True

@@ -32,7 +32,7 @@ class OnnxRuntimeRunner:
         try:
             self.session = ort.InferenceSession(str(model_path), session_options(),
                                                 providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise StageFailed(f"{model_path}: onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
         self.path = Path(model_path)
         self.adapt = adapt or (lambda b: adapt_input(DEFAULT_LAYOUT, b))
@@ -44,7 +44,7 @@ class OnnxRuntimeRunner:
         feed = {self.input_name: self.adapt(batch)}
         try:
             (out,) = self.session.run([self.output_name], feed)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"{self.path.name}: onnxruntime failed: {str(exc).splitlines()[0]}") from None
         return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)
 

@@ -301,8 +301,7 @@ def net_to_text(msg: Any) -> str:
 
 def net_to_binary(msg: Any) -> bytes:
     """Deterministic binary serialization (for the ``.caffemodel``)."""
-    data: bytes = msg.SerializeToString(deterministic=True)
-    return data
+    return bytes(msg.SerializeToString(deterministic=True))
 
 
 def _varint(n: int) -> bytes:

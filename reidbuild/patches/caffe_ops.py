@@ -720,7 +720,7 @@ def check_net(cn: CaffeNet, what: str, input_shape: Optional[tuple[int, ...]],
     for d in (cn.dialect,) + tuple(extra_dialects):
         try:
             s.parse_prototxt(text, d)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"{what}: the patched prototxt does not parse with the {d} schema: "
                               f"{str(exc).splitlines()[0]}") from None
     seen: set[str] = set()

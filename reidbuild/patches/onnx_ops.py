@@ -451,7 +451,7 @@ def _refresh_value_info(g: OnnxGraph) -> None:
     g.commit()
     try:
         inferred = onnx.shape_inference.infer_shapes(g.model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the graph check reports the problem
         return  # the graph check reports the problem
     by_name = {v.name: v for v in inferred.graph.value_info}
     g.graph.value_info.extend(by_name[n] for n in had if n in by_name)
@@ -612,7 +612,7 @@ def _tidy(g: OnnxGraph) -> None:
         return
     try:
         inferred = onnx.shape_inference.infer_shapes(g.model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the graph check reports the problem
         return
     by_name = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
     for v in g.graph.output:
@@ -651,11 +651,11 @@ def check_model(model: Any, input_shape: tuple[int, int, int, int], what: str,
     data = model.SerializeToString()
     try:
         onnx.checker.check_model(data)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: the ONNX checker rejects the patched graph: {_first_line(exc)}") from None
     try:
         onnx.shape_inference.infer_shapes(data, check_type=True, strict_mode=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: shape inference fails on the patched graph: {_first_line(exc)}") from None
     probe = _probe(images, input_shape)
     sess = selfcheck.open_session(data, f"{what}: the patched graph")
@@ -748,7 +748,7 @@ def _attr_text(a: Any) -> str:
             from onnx import numpy_helper
 
             arr = numpy_helper.to_array(t)
-        except Exception:
+        except Exception:  # noqa: BLE001 - not a constant numpy can read: shown without values
             pass
         if arr is not None and arr.size <= 8:
             return f"{a.name}=tensor({arr.tolist()})"
