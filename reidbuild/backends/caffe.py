@@ -14,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import StageFailed, Unavailable
+from .base import Lifecycle
 
 RUNTIMES = ("auto", "pycaffe", "opencv")
 
@@ -126,7 +127,7 @@ def _sets_ceil_mode(msg: Optional[Any]) -> bool:
                and la.pooling_param.HasField("ceil_mode") for la in msg.layer)
 
 
-class CaffeRunner:
+class CaffeRunner(Lifecycle):
     """Runs a Caffe net with pycaffe or OpenCV; ``infer`` takes float32 [N, 3, H, W] RGB 0..255.
 
     ``dialect`` is the one the net was written in (the manifest's ``targets.caffe.dialect``, recorded in the
@@ -208,6 +209,10 @@ class CaffeRunner:
                 "backend": "pycaffe (Caffe CPU)" if self.runtime == "pycaffe" else "OpenCV dnn Caffe importer",
                 # what PoolingParameter field 13 means to this runtime: which dialects it reads correctly
                 "pooling_field_13": self.field13 or "absent"}
+
+    def close(self) -> None:
+        """Drop the net (pycaffe's blobs and weights, or OpenCV's)."""
+        self.net = None
 
 
 def _pycaffe_field13() -> str:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import StageFailed
+from .base import Lifecycle
 from .inputs import DEFAULT_LAYOUT, adapt_input
 
 
@@ -20,7 +21,7 @@ def session_options() -> Any:
     return so
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(Lifecycle):
     """Runs an ONNX file; ``adapt`` turns the standard float32 NCHW batch into what the graph takes
     (e.g. uint8 BGR NHWC after a graph patch changed the input)."""
 
@@ -52,3 +53,7 @@ class OnnxRuntimeRunner:
         import onnxruntime as ort
 
         return {"runtime": "onnxruntime", "version": ort.__version__, "device": "cpu"}
+
+    def close(self) -> None:
+        """Drop the session (its arena and threads go with it)."""
+        self.session = None
