@@ -166,7 +166,8 @@ def test_infer_runs_caffe_in_the_manifests_dialect(tmp_path):
     m = tiny_manifest(tmp_path, backends="[onnxruntime, caffe]", extra="targets:\n  caffe: {dialect: bvlc}\n")
     r = CliRunner().invoke(main, ["apply", str(m)], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
-    assert make_runner(load_manifest(m), "caffe").dialect == "bvlc"
+    with make_runner(load_manifest(m), "caffe") as runner:
+        assert runner.dialect == "bvlc"
     feats = {}
     for name in ("caffe", "torch"):
         r = CliRunner().invoke(main, ["infer", str(m), "--backend", name, "--input", str(tmp_path / "imgs" / "*.png"),
