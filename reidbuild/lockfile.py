@@ -109,8 +109,13 @@ def _check_record(name: str, rec: Any) -> None:
             raise ValueError(f"stage {name}: tools.{tool} must be a version string")
 
 
-def write(path: Path, lock: Lock) -> None:
-    """Write the lock atomically; an unchanged lock is left alone (a no-op apply writes nothing)."""
+def write(path: Path, lock: Lock, unchanged_from: Optional[Lock] = None) -> None:
+    """Write the lock atomically; an unchanged lock is left alone (a no-op apply writes nothing).
+
+    ``unchanged_from``: the lock as read from ``path`` at the start of the run; when ``lock`` equals it, the
+    file already holds these records and is not even serialised again (PyYAML's emitter is pure Python)."""
+    if unchanged_from is not None and lock == unchanged_from and path.is_file() and not path.is_symlink():
+        return
     data = lock.to_text().encode()
     try:
         if path.is_file() and not path.is_symlink() and path.read_bytes() == data:

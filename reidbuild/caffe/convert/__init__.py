@@ -25,7 +25,8 @@ The package, in the order a conversion runs: ``walk`` (the graph walk and the co
 from __future__ import annotations
 
 from .. import CONVERTER_VERSION
-from .emit import Conversion, convert, convert_detailed, to_messages
+from .emit import Conversion, caffemodel_bytes, convert, convert_detailed, convert_file, prototxt_message, to_messages
 from .handlers import HANDLERS, build_net
 
-__all__ = ["CONVERTER_VERSION", "HANDLERS", "Conversion", "build_net", "convert", "convert_detailed", "to_messages"]
+__all__ = ["CONVERTER_VERSION", "HANDLERS", "Conversion", "build_net", "caffemodel_bytes", "convert", "convert_detailed",
+           "convert_file", "prototxt_message", "to_messages"]
