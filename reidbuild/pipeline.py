@@ -337,16 +337,29 @@ class LocalRunner:
         return stage.run(ctx)
 
 
+def _restore(stage: Stage, fp: str, store: ResultStore,
+             emit: Callable[[Event], None]) -> tuple[Optional[StageResult], Optional[str]]:
+    """The stage's result from the shared cache (None when it does not hold this action), and the action key."""
+    key = store.action_key(stage, fp)
+    return (store.restore(stage, key, emit) if key is not None else None), key
+
+
 def _restore_or_run(stage: Stage, fp: str, reasons: list[str], ctx: StageContext,
                     committed: dict[str, dict[str, Any]], store: Optional[ResultStore], runner: StageRunner,
-                    emit: Callable[[Event], None], may_restore: bool) -> tuple[StageResult, Optional[str], bool]:
+                    emit: Callable[[Event], None], may_restore: bool,
+                    asked: tuple[Optional[StageResult], Optional[str]] = (None, None),
+                    ) -> tuple[StageResult, Optional[str], bool]:
     """The stage's result from the shared cache when it holds this action (and ``may_restore``: not with
-    --force, which means "prove it again here"), else from running it.
+    --force, which means "prove it again here"; ``asked``: what the cache already answered), else from running it.
 
     Returns (result, action key or None, restored?).
     """
-    key = store.action_key(stage, fp) if store is not None else None
-    if store is not None and key is not None and may_restore:
+    early, key = asked
+    if early is not None:
+        return early, key, True
+    if key is None and store is not None:
+        key = store.action_key(stage, fp)
+    if key is not None and may_restore and store is not None:
         restored = store.restore(stage, key, emit)
         if restored is not None:
             return restored, key, True
@@ -465,7 +478,11 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 outcome.cached.append(stage.name)
                 emit(Event("cached", stage.name, "up to date"))
                 continue
-            why_not = runner.unavailable(stage)
+            t_ask = time.perf_counter()
+            # a stage the cache holds needs no tool here: ask it before probing for one (e.g. importing pycaffe)
+            ask_first = store is not None and not (force or locked)
+            asked = _restore(stage, fp, store, emit) if store is not None and ask_first else (None, None)
+            why_not = None if asked[0] is not None else runner.unavailable(stage)
             tampered = [r for r in reasons if r.startswith("artifact ") and r.endswith(" was modified")]
             if locked and tampered:
                 outcome.drift.extend(f"{stage.name}: {r}" for r in tampered)
@@ -491,14 +508,14 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 unavailable = Unavailable(f"stage {stage.name}: {why_not} (use --skip-unavailable to record it "
                                           "as skipped)")
                 break
-            t0 = time.perf_counter()
+            t0 = t_ask if asked[0] is not None else time.perf_counter()
             ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs,
                                progress=lambda what, d, t, _n=stage.name: emit(Event("progress", _n, what, 0.0, d, t)),
                                lock=new, up_to_date=tuple(outcome.cached))
             committed = {f: e for d in stage.deps for f, e in outputs.get(d, {}).items()}
             try:
                 result, key, restored = _restore_or_run(stage, fp, reasons, ctx, committed, store, runner, emit,
-                                                        may_restore=not force)
+                                                        may_restore=not (force or ask_first), asked=asked)
             except NotExpressible as exc:
                 # the target format cannot express this model: other targets of the manifest still build
                 refused[stage.name] = exc
@@ -547,7 +564,8 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
                 store.push(stage, key, result, emit)
             failed_msg = result.failed
             del result  # the artifacts are on disk: do not hold their bytes while the next stage runs
-            release_memory()
+            if not restored:  # a restore built no model or graph; a full collection would only cost time
+                release_memory()
             if restored:
                 outcome.restored.append(stage.name)
                 emit(Event("restored", stage.name, "restored from cache", seconds))
