@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import glob as _glob
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, Union, get_args, get_origin
 
@@ -181,14 +180,8 @@ def parity_model(requestable: Any, checks: Any) -> type[Parity]:
                         overrides=(dict[checks, Tolerance], Parity.model_fields["overrides"]))
 
 
-@dataclass(frozen=True)
-class LoadedManifest:
+class LoadedManifest(yamlio.LoadedDocument[Manifest]):
     """A validated manifest plus where it lives; all paths resolve relative to the manifest's folder."""
-
-    path: Path
-    model: Manifest
-    doc: yamlio.Document
-    sha256: str
 
     @property
     def base(self) -> Path:
@@ -204,9 +197,6 @@ class LoadedManifest:
 
     def resolve(self, rel: str) -> Path:
         return (self.base / rel).resolve()
-
-    def where(self, *key_path: Any) -> str:
-        return self.doc.where(key_path)
 
     def images(self, *key_path: str) -> list[Path]:
         """Files matched by the glob at ``key_path`` (e.g. 'parity', 'images'), sorted; none is an error."""
@@ -312,18 +302,18 @@ def _data_loc(doc: yamlio.Document, error: Any) -> list[Any]:
     return data_loc
 
 
-def load_manifest(path: Path) -> LoadedManifest:
-    """Read and validate a manifest; every failure is a ManifestError with file:line:column."""
-    import hashlib
-
-    path = Path(path).absolute()
-    doc = yamlio.load_mapping(path, "manifest", ManifestError, "version, name, source, input, output_dir, ...")
+def _validate(doc: yamlio.Document) -> Manifest:
     try:
-        model = manifest_model().model_validate(doc.data)
+        return manifest_model().model_validate(doc.data)
     except ValidationError as exc:
         raise ManifestError(format_validation_error(doc, exc)) from None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    lm = LoadedManifest(path=path, model=model, doc=doc, sha256=digest)
+
+
+def load_manifest(path: Path) -> LoadedManifest:
+    """Read and validate a manifest; every failure is a ManifestError with file:line:column."""
+    lm = LoadedManifest.read(path, "manifest", ManifestError, "version, name, source, input, output_dir, ...",
+                             _validate)
+    path = lm.path
     if lm.lock_path == path:
         raise ManifestError(f"{path}: a manifest may not end in .lock: its lock file ({lm.lock_path.name}) "
                             "would overwrite it; rename it to .yml")

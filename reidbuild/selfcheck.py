@@ -56,14 +56,14 @@ def input_feeds(sess: Any, images: np.ndarray, adapt: Optional[Adapt] = None) ->
     """Feeds for one run at batch ``len(images)``: the first input gets the images (``adapt``, or converted by
     its declared type: uint8 NHWC takes BGR bytes); any other input gets zeros. Also returns the values given
     to symbolic dims, so callers can check declared output shapes."""
-    from .backends.onnxruntime import adapt_input
+    from .backends.inputs import adapt_input, graph_layout
 
     feeds: dict[str, np.ndarray] = {}
     params: dict[str, int] = {}
     for k, arg in enumerate(sess.get_inputs()):
         shape = list(arg.shape)
         if k == 0:
-            x = adapt(images) if adapt else adapt_input(images, arg.type, shape)
+            x = adapt(images) if adapt else adapt_input(graph_layout(arg.type, shape), images)
         else:
             dims = [d if isinstance(d, int) else (len(images) if i == 0 else 1) for i, d in enumerate(shape)]
             x = np.zeros(dims, dtype=_NP_TYPES.get(arg.type, np.float32))

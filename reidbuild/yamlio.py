@@ -6,9 +6,10 @@ path so validation errors can point at ``file:line:column``.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Generic, TypeVar
 
 import yaml
 
@@ -144,6 +145,35 @@ def load_mapping(path: Path, what: str, error: type[InputError], keys: str) -> D
     if not isinstance(doc.data, dict):
         raise error(f"{path}:1:1: a {what} must be a mapping with keys {keys}")
     return doc
+
+
+M = TypeVar("M")
+L = TypeVar("L", bound="LoadedDocument[Any]")
+
+
+@dataclass(frozen=True)
+class LoadedDocument(Generic[M]):
+    """A validated YAML file: its path, the validated ``model``, the parsed document (for ``file:line:col``
+    in errors) and the sha256 of its bytes. Manifests and patch files are both this shape."""
+
+    path: Path
+    model: M
+    doc: Document
+    sha256: str
+
+    def where(self, *key_path: Any) -> str:
+        """``file:line:column`` of the value at ``key_path`` (its deepest known ancestor)."""
+        return self.doc.where(key_path)
+
+    @classmethod
+    def read(cls: type[L], path: Path, what: str, error: type[InputError], keys: str,
+             validate: Callable[[Document], Any]) -> L:
+        """Read ``path`` (a mapping with ``keys``), ``validate`` it (which raises ``error`` with file:line:col)
+        and hash the file; every failure is an ``error``."""
+        path = Path(path).absolute()
+        doc = load_mapping(path, what, error, keys)
+        model = validate(doc)
+        return cls(path=path, model=model, doc=doc, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def _check_depth(text: str, path: Path, loader: type = yaml.SafeLoader) -> None:

@@ -75,18 +75,23 @@ def resolve_runtime(runtime: str = "auto") -> str:
 _INPUT_DIMS = re.compile(r'input_param\s*\{\s*shape\s*\{((?:\s*dim:\s*\d+)+)\s*\}', re.S)
 
 
-def _net_facts(prototxt: Path) -> tuple[tuple[int, ...], str, bool]:
-    """(input shape, name of the layer producing ``output``, whether every Reshape copies the batch)."""
+def _read_net(prototxt: Path, dialect: str) -> tuple[str, Optional[Any]]:
+    """(text, NetParameter read with the declared ``dialect``'s schema, or None when that schema cannot read it:
+    a hand-edited net using fields reidbuild does not write; the Caffe runtime itself is then the judge)."""
     from ..caffe import schema
 
+    if dialect not in schema.DIALECTS:
+        raise StageFailed(f"{prototxt.name}: unknown Caffe dialect {dialect!r} "
+                          f"(expected one of {', '.join(schema.DIALECTS)})")
     text = prototxt.read_text()
-    msg = None
-    for dialect in ("ceil_mode", "bvlc"):  # ceil_mode's schema is a superset of bvlc's
-        try:
-            msg = schema.parse_prototxt(text, dialect)
-            break
-        except Exception:  # noqa: BLE001 - protobuf text parse errors: try the next dialect
-            continue
+    try:
+        return text, schema.parse_prototxt(text, dialect)
+    except Exception:  # noqa: BLE001 - protobuf text parse errors: the net is then read by pattern
+        return text, None
+
+
+def _net_facts(prototxt: Path, text: str, msg: Optional[Any]) -> tuple[tuple[int, ...], str, bool]:
+    """(input shape, name of the layer producing ``output``, whether every Reshape copies the batch)."""
     if msg is None:  # a net using fields reidbuild does not write: read what is needed by pattern
         m = _INPUT_DIMS.search(text)
         if m is None:
@@ -114,18 +119,33 @@ def _net_facts(prototxt: Path) -> tuple[tuple[int, ...], str, bool]:
     return shape, out_layer, agnostic
 
 
+def _sets_ceil_mode(msg: Optional[Any]) -> bool:
+    """Whether a Pooling layer of the net states the fork's ``ceil_mode`` field (only the ceil_mode dialect
+    has it; a bvlc net, or one converted to bvlc rounding by a patch, does not)."""
+    if msg is None:
+        return False
+    return any(la.type == "Pooling" and "ceil_mode" in la.pooling_param.DESCRIPTOR.fields_by_name
+               and la.pooling_param.HasField("ceil_mode") for la in msg.layer)
+
+
 class CaffeRunner(Lifecycle):
-    """Runs a Caffe net with pycaffe or OpenCV; ``infer`` takes float32 [N, 3, H, W] RGB 0..255."""
+    """Runs a Caffe net with pycaffe or OpenCV; ``infer`` takes float32 [N, 3, H, W] RGB 0..255.
+
+    ``dialect`` is the one the net was written in (the manifest's ``targets.caffe.dialect``, recorded in the
+    lock): the prototxt is read with that dialect's schema, never guessed from its text.
+    """
 
     name = "caffe"
 
-    def __init__(self, prototxt: Path, caffemodel: Path, runtime: str = "auto") -> None:
+    def __init__(self, prototxt: Path, caffemodel: Path, runtime: str = "auto", *, dialect: str) -> None:
         self.prototxt, self.caffemodel = Path(prototxt), Path(caffemodel)
         self.runtime = resolve_runtime(runtime)
+        self.dialect = dialect
         for p in (self.prototxt, self.caffemodel):
             if not p.is_file():
                 raise StageFailed(f"{p}: Caffe artifact not found")
-        self.input_shape, self.output_layer, self.batch_agnostic = _net_facts(self.prototxt)
+        text, msg = _read_net(self.prototxt, dialect)
+        self.input_shape, self.output_layer, self.batch_agnostic = _net_facts(self.prototxt, text, msg)
         if len(self.input_shape) != 4:
             raise StageFailed(f"{self.prototxt.name}: input shape {list(self.input_shape)} is not [N, C, H, W]")
         if self.runtime == "pycaffe":
@@ -133,7 +153,7 @@ class CaffeRunner(Lifecycle):
             caffe.set_mode_cpu()
             self.version = str(getattr(caffe, "__version__", "unknown"))
             self.field13 = _pycaffe_field13()
-            _precheck_pycaffe(self.prototxt, self.caffemodel, self.field13)
+            _precheck_pycaffe(self.prototxt, self.caffemodel, self.field13, text, _sets_ceil_mode(msg))
             self.net = caffe.Net(str(self.prototxt), str(self.caffemodel), caffe.TEST)
         else:
             import cv2
@@ -211,10 +231,9 @@ def _pycaffe_field13() -> str:
     return f.name if f is not None else ""
 
 
-def _precheck_pycaffe(prototxt: Path, caffemodel: Path, field13: str) -> None:
+def _precheck_pycaffe(prototxt: Path, caffemodel: Path, field13: str, text: str, sets_ceil_mode: bool) -> None:
     """Refuse here what would make libcaffe abort the whole process (glog CHECK) while loading."""
-    text = prototxt.read_text()
-    if re.search(r"\bceil_mode\s*:", text) and field13 != "ceil_mode":
+    if sets_ceil_mode and field13 != "ceil_mode":
         kind = "BVLC master (round_mode)" if field13 == "round_mode" else "stock BVLC (no rounding field)"
         raise StageFailed(f"{prototxt.name} uses the ceil_mode dialect but this pycaffe is {kind}: "
                           "run it with runtime opencv, or convert with dialect bvlc")

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import StageFailed
 from .base import Lifecycle
+from .inputs import DEFAULT_LAYOUT, adapt_input
 
 
 def session_options() -> Any:
@@ -41,7 +42,7 @@ class OnnxRuntimeRunner(Lifecycle):
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise StageFailed(f"{model_path}: onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
         self.path = Path(model_path)
-        self.adapt = adapt or (lambda b: np.ascontiguousarray(b, dtype=np.float32))
+        self.adapt = adapt or (lambda b: adapt_input(DEFAULT_LAYOUT, b))
         self.input_name = self.session.get_inputs()[0].name
         outs = self.session.get_outputs()
         self.output_name = next((o.name for o in outs if o.name == "output"), outs[0].name)
@@ -62,14 +63,3 @@ class OnnxRuntimeRunner(Lifecycle):
     def close(self) -> None:
         """Drop the session (its arena and threads go with it)."""
         self.session = None
-
-
-def adapt_input(batch: np.ndarray, elem_type: str, shape: list[Any]) -> np.ndarray:
-    """Feed a float32 RGB NCHW 0..255 batch to a graph by its declared input type (uint8 NHWC: BGR bytes)."""
-    if elem_type == "tensor(uint8)":
-        if len(shape) == 4 and shape[-1] == 3:
-            return np.ascontiguousarray(np.clip(np.rint(batch[:, ::-1].transpose(0, 2, 3, 1)), 0, 255), dtype=np.uint8)
-        return np.asarray(np.clip(np.rint(batch), 0, 255), dtype=np.uint8)
-    if elem_type == "tensor(float16)":
-        return batch.astype(np.float16)
-    return np.ascontiguousarray(batch, dtype=np.float32)

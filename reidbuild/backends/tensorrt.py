@@ -94,11 +94,12 @@ class TensorRTRunner(Lifecycle):
     def _adapt(self, batch: np.ndarray) -> np.ndarray:
         if self.adapt is not None:
             return np.ascontiguousarray(self.adapt(batch), dtype=self.input_dtype)
-        from .onnxruntime import adapt_input
+        from .inputs import adapt_input, graph_layout
 
         kind = {np.dtype(np.uint8): "tensor(uint8)", np.dtype(np.float16): "tensor(float16)"}.get(
             self.input_dtype, "tensor(float)")
-        return np.ascontiguousarray(adapt_input(batch, kind, [None, *self.item_shape]), dtype=self.input_dtype)
+        return np.ascontiguousarray(adapt_input(graph_layout(kind, [None, *self.item_shape]), batch),
+                                    dtype=self.input_dtype)
 
     # ------------------------------------------------------------------------------------------ API
     def infer(self, batch: np.ndarray) -> np.ndarray:

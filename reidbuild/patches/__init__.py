@@ -10,11 +10,13 @@ Public API:
 * :func:`apply_onnx` / :func:`apply_caffe` - apply and check (what the stage runs);
 * :func:`diff_patches` (and the per-format variants) - per patch, a unified diff of the graph text;
 * :func:`output_transforms`, :func:`apply_output_transform` - what patches do to the features (parity);
-* :func:`input_layout`, :func:`adapt_input` - what patches do to the graph input (parity / infer).
+* :func:`input_layout` - what patches do to the graph input (parity / infer); :func:`adapt_input` feeds it
+  (re-exported from :mod:`reidbuild.backends.inputs`, the one input adapter).
 """
 from __future__ import annotations
 
-from .apply import (adapt_input, apply_caffe, apply_onnx, apply_output_transform, diff_caffe_patches,
+from ..backends.inputs import adapt_input
+from .apply import (apply_caffe, apply_onnx, apply_output_transform, diff_caffe_patches,
                     diff_onnx_patches, diff_patches, input_layout, output_transforms)
 from .spec import (DEFAULT_INPUT_LAYOUT, INPUT_LAYOUTS, OP_NAMES, OUTPUT_TRANSFORMS, LoadedPatch, PatchFile,
                    load_patch, load_patches)

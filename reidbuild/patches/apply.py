@@ -247,17 +247,3 @@ def input_layout(patch_files: Sequence[Any]) -> str:
     if len(layouts) > 1:
         raise PatchError(f"{len(layouts)} patches declare changes_input; the input can change only once")
     return layouts[0] if layouts else spec.DEFAULT_INPUT_LAYOUT
-
-
-def adapt_input(layout: str, batch: Any, color: str = "RGB") -> Any:
-    """Turn a float32 [N,3,H,W] 0..255 batch (channel order ``color``) into what a patched graph takes."""
-    import numpy as np
-
-    if layout == spec.DEFAULT_INPUT_LAYOUT:
-        return np.ascontiguousarray(batch, dtype=np.float32)
-    if layout == "uint8_bgr_nhwc":
-        x = np.asarray(batch)
-        if color == "RGB":
-            x = x[:, ::-1]
-        return np.ascontiguousarray(np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
-    raise ValueError(f"unknown input layout {layout!r}")

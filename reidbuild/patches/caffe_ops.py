@@ -1,4 +1,7 @@
-"""Graph patch ops on Caffe nets (prototxt + caffemodel), the check run after every patch, and shapes.
+"""Graph patch ops on Caffe nets (prototxt + caffemodel), and the check run after every patch.
+
+Shapes (to check a patched net, or whether a pooling layer changes size when its rounding changes) come from
+:mod:`reidbuild.caffe.shapes`, the arithmetic the converter uses too; selection is :mod:`.selector`'s.
 
 Caffe names blobs, and in-place layers (ReLU with ``bottom: x  top: x``) reuse a name for a new value. To
 edit without getting that wrong, a net is held in SSA form while a patch runs: every top creates a
@@ -11,14 +14,15 @@ taking the blobs of the layer it was before any rename (:attr:`CLayer.origin`).
 """
 from __future__ import annotations
 
-import math
-import re
 from typing import Any, Callable, Optional
 
-from ..caffe.convert import caffe_pool_size
+from ..caffe import shapes as geometry
+from ..caffe.shapes import Shape, caffe_pool_size
 from ..errors import NotExpressible, PatchError, StageFailed
 from . import spec
 from .opctx import OpContext
+from .selector import Facts
+from .selector import select as select_items
 
 # layer types that need learned blobs: a patch cannot insert them (it has no weights to give)
 WEIGHTED_TYPES = ("Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "Scale", "Bias", "PReLU", "Embed")
@@ -59,11 +63,11 @@ class CLayer:
 
     @property
     def name(self) -> str:
-        return self.msg.name
+        return str(self.msg.name)
 
     @property
     def type(self) -> str:
-        return self.msg.type
+        return str(self.msg.type)
 
     def label(self) -> str:
         return f"{self.msg.name or '(unnamed)'} [{self.msg.type}]"
@@ -195,24 +199,13 @@ class _Alias(Exception):
 
 
 def select(cn: CaffeNet, sel: spec.Selector) -> list[CLayer]:
-    rx = re.compile(sel.regex) if sel.regex is not None else None
+    """Layers matching every key of ``sel``, in net order."""
     outs = {id(b) for b in cn.outputs()}
-    found = []
-    for la in cn.layers:
-        if sel.name is not None and la.name != sel.name:
-            continue
-        if sel.type is not None and la.type != sel.type:
-            continue
-        if rx is not None and not rx.fullmatch(la.name):
-            continue
-        if sel.producer_of is not None and sel.producer_of not in (t.name for t in la.tops):
-            continue
-        if sel.consumer_of is not None and sel.consumer_of not in (b.name for b in la.bottoms):
-            continue
-        if sel.last and not any(id(t) in outs for t in la.tops):
-            continue
-        found.append(la)
-    return found
+    facts: Facts[CLayer] = Facts(name=lambda la: la.name, type=lambda la: la.type,
+                                 writes=lambda la: (t.name for t in la.tops),
+                                 reads=lambda la: (b.name for b in la.bottoms),
+                                 is_last=lambda la: any(id(t) in outs for t in la.tops))
+    return select_items(cn.layers, sel, facts)
 
 
 class _OpCtx(OpContext):
@@ -371,7 +364,7 @@ def _is_repeated(fd: Any) -> bool:
     rep = getattr(fd, "is_repeated", None)
     if rep is not None:
         return bool(rep)
-    return fd.label == fd.LABEL_REPEATED
+    return bool(fd.label == fd.LABEL_REPEATED)
 
 
 def _has(msg: Any, name: str) -> bool:
@@ -528,129 +521,12 @@ def _insert(cn: CaffeNet, ctx: _OpCtx, op: spec.InsertNode) -> int:
     return 1
 
 
-# ------------------------------------------------------------------------------- pooling and shapes
+# --------------------------------------------------------------------------------------------- shapes
 
 
-def _pool_geometry(p: Any) -> tuple[int, int, int, int, int, int]:
-    """(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w) as Caffe's PoolingLayer reads them."""
-    kh = p.kernel_h if p.HasField("kernel_h") else p.kernel_size
-    kw = p.kernel_w if p.HasField("kernel_w") else p.kernel_size
-    sh = p.stride_h if p.HasField("stride_h") else p.stride
-    sw = p.stride_w if p.HasField("stride_w") else p.stride
-    ph = p.pad_h if p.HasField("pad_h") else p.pad
-    pw = p.pad_w if p.HasField("pad_w") else p.pad
-    return kh, kw, sh, sw, ph, pw
-
-
-def _rounds_up(p: Any) -> bool:
-    """True when this pooling layer rounds up (BVLC always; the fork unless ceil_mode: false)."""
-    return not ("ceil_mode" in p.DESCRIPTOR.fields_by_name and p.HasField("ceil_mode") and not p.ceil_mode)
-
-
-_SAME_SHAPE = ("ReLU", "ReLU6", "PReLU", "Sigmoid", "TanH", "ELU", "Dropout", "BatchNorm", "Scale", "Bias", "Power",
-               "AbsVal", "BNLL", "Exp", "Log", "Softmax", "LRN", "MVN", "Normalize", "Clip", "Swish", "Threshold",
-               "HardSigmoid", "Mish", "GELU", "Split")
-
-
-def _conv_geometry(c: Any) -> tuple[int, int, int, int, int, int, int, int]:
-    def pick(single_h: str, single_w: str, rep: str, default: int) -> tuple[int, int]:
-        vals = list(getattr(c, rep))
-        h = getattr(c, single_h) if c.HasField(single_h) else (vals[0] if vals else default)
-        w = getattr(c, single_w) if c.HasField(single_w) else (vals[-1] if vals else default)
-        return h, w
-    kh, kw = pick("kernel_h", "kernel_w", "kernel_size", 1)
-    sh, sw = pick("stride_h", "stride_w", "stride", 1)
-    ph, pw = pick("pad_h", "pad_w", "pad", 0)
-    dil = list(c.dilation)
-    dh, dw = (dil[0], dil[-1]) if dil else (1, 1)
-    return kh, kw, sh, sw, ph, pw, dh, dw
-
-
-def layer_shapes(la: CLayer, ins: list[Optional[tuple[int, ...]]]) -> list[Optional[tuple[int, ...]]]:
+def layer_shapes(la: CLayer, ins: list[Optional[Shape]]) -> list[Optional[Shape]]:
     """Top shapes of one layer from its bottom shapes (None where unknown); ValueError if inconsistent."""
-    t, m = la.type, la.msg
-    n_tops = len(la.tops)
-    if t == "Input":
-        shapes = [tuple(s.dim) for s in m.input_param.shape]
-        if len(shapes) == 1:
-            shapes = shapes * n_tops
-        return [shapes[i] if i < len(shapes) else None for i in range(n_tops)]
-    if any(s is None for s in ins) or not ins:
-        return [None] * n_tops
-    b0 = ins[0]
-    assert b0 is not None
-    if t in _SAME_SHAPE:
-        return [b0] * n_tops
-    if t in ("Convolution", "Deconvolution", "Pooling") and len(b0) != 4:
-        raise ValueError(f"{t} needs a 4-D input, got shape {list(b0)}")
-    if t in ("Convolution", "Deconvolution") and len(b0) == 4:
-        c = m.convolution_param
-        kh, kw, sh, sw, ph, pw, dh, dw = _conv_geometry(c)
-        if t == "Convolution":
-            h = (b0[2] + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-            w = (b0[3] + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-        else:
-            h = (b0[2] - 1) * sh - 2 * ph + dh * (kh - 1) + 1
-            w = (b0[3] - 1) * sw - 2 * pw + dw * (kw - 1) + 1
-        if h < 1 or w < 1:
-            raise ValueError(f"output would be {h}x{w}")
-        return [(b0[0], c.num_output, h, w)]
-    if t == "Pooling" and len(b0) == 4:
-        p = m.pooling_param
-        if p.global_pooling:
-            return [(b0[0], b0[1], 1, 1)] * n_tops
-        kh, kw, sh, sw, ph, pw = _pool_geometry(p)
-        ceil = _rounds_up(p)
-        h = caffe_pool_size(b0[2], kh, sh, ph, ceil, bool(ph or pw))
-        w = caffe_pool_size(b0[3], kw, sw, pw, ceil, bool(ph or pw))
-        if h < 1 or w < 1:
-            raise ValueError(f"output would be {h}x{w}")
-        return [(b0[0], b0[1], h, w)] * n_tops
-    if t == "InnerProduct":
-        axis = m.inner_product_param.axis % len(b0)
-        return [tuple(b0[:axis]) + (m.inner_product_param.num_output,)]
-    if t == "Eltwise":
-        if any(s != b0 for s in ins):
-            raise ValueError(f"bottom shapes differ: {', '.join(str(list(s)) for s in ins if s)}")
-        return [b0]
-    if t == "Concat":
-        axis = m.concat_param.axis % len(b0)
-        if any(len(s) != len(b0) or s[:axis] + s[axis + 1:] != b0[:axis] + b0[axis + 1:] for s in ins if s):
-            raise ValueError("bottom shapes differ outside the concat axis")
-        return [b0[:axis] + (sum(s[axis] for s in ins if s),) + b0[axis + 1:]]
-    if t == "Flatten":
-        a = m.flatten_param.axis % len(b0)
-        e = m.flatten_param.end_axis % len(b0)
-        return [b0[:a] + (math.prod(b0[a:e + 1]),) + b0[e + 1:]]
-    if t == "Reshape":
-        rp = m.reshape_param
-        if rp.axis != 0 or rp.num_axes != -1:
-            return [None]
-        dims = list(rp.shape.dim)
-        out = [b0[i] if d == 0 else d for i, d in enumerate(dims)]
-        if out.count(-1) == 1:
-            known = math.prod(d for d in out if d != -1)
-            out[out.index(-1)] = math.prod(b0) // known if known else 0
-        if math.prod(out) != math.prod(b0):
-            raise ValueError(f"cannot reshape {list(b0)} to {dims}")
-        return [tuple(out)]
-    if t == "Slice":
-        sp = m.slice_param
-        axis = sp.axis % len(b0)
-        points = list(sp.slice_point)
-        if points:
-            if len(points) != n_tops - 1 or points != sorted(points) or points[-1] >= b0[axis] or points[0] <= 0:
-                raise ValueError(f"slice points {points} do not split axis {axis} of size {b0[axis]} into {n_tops}")
-            edges = [0] + points + [b0[axis]]
-        else:
-            if b0[axis] % n_tops:
-                raise ValueError(f"axis {axis} of size {b0[axis]} does not split evenly into {n_tops}")
-            step = b0[axis] // n_tops
-            edges = [i * step for i in range(n_tops + 1)]
-        return [b0[:axis] + (edges[i + 1] - edges[i],) + b0[axis + 1:] for i in range(n_tops)]
-    if t == "Silence":
-        return []
-    return [None] * n_tops
+    return geometry.layer_shapes(la.msg, len(la.tops), ins)
 
 
 def _net_input_shapes(cn: CaffeNet, fallback: Optional[tuple[int, ...]]) -> dict[int, Optional[tuple[int, ...]]]:
@@ -688,7 +564,7 @@ def infer_shapes(cn: CaffeNet, fallback: Optional[tuple[int, ...]] = None,
 
 
 def _convert_pooling(cn: CaffeNet, ctx: _OpCtx, op: spec.ConvertPoolingRounding) -> int:
-    sel = op.select or spec.Selector(type="Pooling")
+    sel = op.select or spec.Selector.model_validate({"type": "Pooling"})
     found = select(cn, sel)
     pools = [la for la in found if la.type == "Pooling"]
     if len(pools) != len(found):
@@ -729,7 +605,7 @@ def _convert_pooling(cn: CaffeNet, ctx: _OpCtx, op: spec.ConvertPoolingRounding)
             unknown = _first_unknown(cn, shapes, la)
             raise NotExpressible(f"{ctx.label}: cannot tell whether {la.label()} changes shape when rounding up: "
                                  f"the input shape is unknown{unknown}")
-        kh, kw, sh, sw, ph, pw = _pool_geometry(p)
+        kh, kw, sh, sw, ph, pw = geometry.pool_geometry(p)
         anyp = bool(ph or pw)
         fh, fw = caffe_pool_size(b0[2], kh, sh, ph, False, anyp), caffe_pool_size(b0[3], kw, sw, pw, False, anyp)
         ch, cw = caffe_pool_size(b0[2], kh, sh, ph, True, anyp), caffe_pool_size(b0[3], kw, sw, pw, True, anyp)
@@ -821,44 +697,9 @@ def apply_patch(cn: CaffeNet, lp: spec.LoadedPatch, what: str,
 # ------------------------------------------------------------------------------------------- check
 
 
-def expected_blob_shapes(la: CLayer, b0: Optional[tuple[int, ...]]) -> Optional[list[tuple[int, ...]]]:
+def expected_blob_shapes(la: CLayer, b0: Optional[Shape]) -> Optional[list[Shape]]:
     """The learned blobs' shapes a layer needs on input ``b0`` (None where reidbuild does not know)."""
-    if b0 is None:
-        return None
-    m = la.msg
-    if la.type == "Convolution" and len(b0) == 4:
-        c = m.convolution_param
-        kh, kw = _conv_geometry(c)[:2]
-        shapes = [(c.num_output, b0[1] // max(c.group, 1), kh, kw)]
-        return shapes + [(c.num_output,)] if c.bias_term else shapes
-    if la.type == "InnerProduct":
-        ip = m.inner_product_param
-        k = math.prod(b0[ip.axis % len(b0):])
-        shapes = [(k, ip.num_output) if ip.transpose else (ip.num_output, k)]
-        return shapes + [(ip.num_output,)] if ip.bias_term else shapes
-    if la.type == "BatchNorm" and len(b0) >= 2:
-        return [(b0[1],), (b0[1],), (1,)]
-    if la.type == "Scale" and len(la.bottoms) == 1 and len(b0) >= 2 and m.scale_param.axis == 1 \
-            and m.scale_param.num_axes == 1:
-        return [(b0[1],), (b0[1],)] if m.scale_param.bias_term else [(b0[1],)]
-    return None
-
-
-def _blob_shape(blob: Any) -> tuple[int, ...]:
-    if blob.HasField("shape"):
-        return tuple(blob.shape.dim)
-    return tuple(d for d in (blob.num, blob.channels, blob.height, blob.width))
-
-
-def _same_shape(want: tuple[int, ...], have: tuple[int, ...], has_shape: bool) -> bool:
-    """Caffe's own rule (Blob::ShapeEquals): exact for shaped blobs; legacy 4-D blobs compare padded to 4-D.
-
-    Only the element count matching is not enough: Caffe aborts the whole process on a shape mismatch.
-    """
-    if has_shape:
-        return tuple(want) == tuple(have)
-    pad = lambda t: (1,) * (4 - len(t)) + tuple(t) if len(t) <= 4 else tuple(t)
-    return pad(want) == pad(have)
+    return geometry.expected_blob_shapes(la.msg, len(la.bottoms), b0)
 
 
 def check_net(cn: CaffeNet, what: str, input_shape: Optional[tuple[int, ...]],
@@ -907,9 +748,9 @@ def check_net(cn: CaffeNet, what: str, input_shape: Optional[tuple[int, ...]],
         if src is None or not len(src.blobs):
             continue
         want = expected_blob_shapes(la, shapes.get(id(la.bottoms[0])) if la.bottoms else None)
-        have = [_blob_shape(b) for b in src.blobs]
+        have = [geometry.blob_shape(b) for b in src.blobs]
         if want is not None and not (len(want) == len(have)
-                                     and all(_same_shape(w, h, b.HasField("shape"))
+                                     and all(geometry.same_blob_shape(w, h, b.HasField("shape"))
                                              for w, h, b in zip(want, have, src.blobs))):
             raise StageFailed(f"{what}: layer {la.label()} now needs weights of shape "
                               f"{', '.join(str(list(w)) for w in want)} but has {', '.join(str(list(h)) for h in have)}")
@@ -926,7 +767,7 @@ def rebuild_caffemodel(cn: CaffeNet, net: Any, weights: Any) -> Any:
     used: set[str] = set()
     for cl, msg in zip(cn.layers, net.layer):
         src = entries.get(cl.origin) if cl.origin is not None else None
-        if src is None:
+        if src is None or cl.origin is None:
             continue
         used.add(cl.origin)
         e = out.layer.add()

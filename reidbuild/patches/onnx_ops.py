@@ -6,7 +6,7 @@ tensor renames follow into subgraphs (If/Loop bodies) that read the renamed tens
 """
 from __future__ import annotations
 
-import re
+import functools
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -14,6 +14,8 @@ import numpy as np
 from ..errors import PatchError, StageFailed
 from . import spec
 from .opctx import OpContext
+from .selector import Facts
+from .selector import select as select_items
 
 # --------------------------------------------------------------------------------------------- graph
 
@@ -205,26 +207,18 @@ def _rename_in_node(n: Any, old: str, new: str) -> None:
 # ----------------------------------------------------------------------------------------- selection
 
 
+def _reads(n: Any) -> Iterable[str]:
+    """The tensors a node reads, its sub-graphs' outer reads last (computed only when reached)."""
+    yield from n.input
+    yield from _subgraph_reads(n)
+
+
 def select(g: OnnxGraph, sel: spec.Selector) -> list[Any]:
     """Nodes matching every key of ``sel``, in graph order."""
-    rx = re.compile(sel.regex) if sel.regex is not None else None
     outs = set(g.output_names)
-    found = []
-    for n in g.nodes:
-        if sel.name is not None and n.name != sel.name:
-            continue
-        if sel.type is not None and n.op_type != sel.type:
-            continue
-        if rx is not None and not rx.fullmatch(n.name):
-            continue
-        if sel.producer_of is not None and sel.producer_of not in n.output:
-            continue
-        if sel.consumer_of is not None and sel.consumer_of not in n.input and sel.consumer_of not in _subgraph_reads(n):
-            continue
-        if sel.last and not outs.intersection(n.output):
-            continue
-        found.append(n)
-    return found
+    facts: Facts[Any] = Facts(name=lambda n: n.name, type=lambda n: n.op_type, writes=lambda n: n.output,
+                              reads=_reads, is_last=lambda n: bool(outs.intersection(n.output)))
+    return select_items(g.nodes, sel, facts)
 
 
 def _label(n: Any) -> str:
@@ -684,8 +678,7 @@ def check_model(model: Any, input_shape: tuple[int, int, int, int], what: str,
             _check_declared_shape(v, got, params, n, what)
             if got.dtype.kind == "f":
                 selfcheck.judge_finite(got, _names(probe, n), f"{what}: output {v.name!r} of the patched graph",
-                                       lambda v=v, got=got, batch=batch: _source_output(source_session(), batch,
-                                                                                        v.name, got),
+                                       functools.partial(_source_output, source_session, batch, v.name, got),
                                        "the unpatched graph")
 
 
@@ -715,10 +708,12 @@ def _check_declared_shape(v: Any, got: np.ndarray, params: dict[str, int], n: in
                           f"but has shape {list(got.shape)} at batch {n}")
 
 
-def _source_output(sess: Any, batch: np.ndarray, name: str, like: np.ndarray) -> np.ndarray:
-    """The unpatched graph's output ``name`` on ``batch``; finite stand-in when it has none (patch to blame)."""
+def _source_output(session: Callable[[], Any], batch: np.ndarray, name: str, like: np.ndarray) -> np.ndarray:
+    """The unpatched graph's output ``name`` on ``batch``; finite stand-in when it has none (patch to blame).
+    ``session`` opens the unpatched graph only when this is asked (a finite output never needs it)."""
     from .. import selfcheck
 
+    sess = session()
     if sess is None:
         return np.zeros_like(like, dtype=np.float64)
     try:

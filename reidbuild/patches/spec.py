@@ -6,21 +6,20 @@ outputs (so parity can apply the same to the PyTorch reference), and a list of o
 from __future__ import annotations
 
 import difflib
-import hashlib
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import yamlio
+from ..backends.inputs import DEFAULT_LAYOUT, UINT8_BGR_NHWC
 from ..errors import PatchError
 from ..manifest import format_validation_error
 
 OUTPUT_TRANSFORMS = ("l2_normalize",)
-INPUT_LAYOUTS = ("uint8_bgr_nhwc",)
-DEFAULT_INPUT_LAYOUT = "float32_nchw"  # what backends feed when no patch changes the input
+INPUT_LAYOUTS = (UINT8_BGR_NHWC,)  # the layouts a patch may declare in changes_input
+DEFAULT_INPUT_LAYOUT = DEFAULT_LAYOUT  # what backends feed when no patch changes the input
 
 
 
@@ -247,21 +246,12 @@ class PatchFile(_Strict):
     ops: list[Op] = Field(min_length=1, max_length=1000)
 
 
-@dataclass(frozen=True)
-class LoadedPatch:
+class LoadedPatch(yamlio.LoadedDocument[PatchFile]):
     """A validated patch file plus where it lives (for error messages) and its content hash."""
-
-    path: Path
-    model: PatchFile
-    doc: yamlio.Document
-    sha256: str
 
     @property
     def format(self) -> str:
         return self.model.format
-
-    def where(self, *key_path: Any) -> str:
-        return self.doc.where(key_path)
 
     def op_label(self, index: int) -> str:
         """``file:line:col: ops[i] (name)``: how errors point at one op."""
@@ -327,19 +317,20 @@ def _semantic_checks(doc: yamlio.Document, pf: PatchFile) -> None:
                          "input; only ONNX patches can change it")
 
 
-def load_patch(path: Path) -> LoadedPatch:
-    """Read and validate one patch file; every failure is a PatchError naming ``file:line:column``."""
-    path = Path(path).absolute()
-    doc = yamlio.load_mapping(path, "patch file", PatchError,
-                              "format, ops (and optionally description, changes_output, changes_input)")
+def _validate(doc: yamlio.Document) -> PatchFile:
     _precheck_ops(doc)
     try:
         model = PatchFile.model_validate(doc.data)
     except ValidationError as exc:
         raise PatchError(format_validation_error(doc, exc, PatchFile)) from None
     _semantic_checks(doc, model)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LoadedPatch(path=path, model=model, doc=doc, sha256=digest)
+    return model
+
+
+def load_patch(path: Path) -> LoadedPatch:
+    """Read and validate one patch file; every failure is a PatchError naming ``file:line:column``."""
+    return LoadedPatch.read(path, "patch file", PatchError,
+                            "format, ops (and optionally description, changes_output, changes_input)", _validate)
 
 
 def load_patches(paths: list[Path], fmt: Optional[str] = None) -> list[LoadedPatch]:

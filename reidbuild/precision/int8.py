@@ -330,7 +330,7 @@ def _calibrate(src: _Source, images: Any, method: str, percentile: float, workdi
     import numpy as np
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    from ..backends.onnxruntime import adapt_input
+    from ..backends.inputs import adapt_input, graph_layout
 
     cal_opts: dict[str, Any] = {"symmetric": True}
     if method == "entropy":
@@ -338,7 +338,7 @@ def _calibrate(src: _Source, images: Any, method: str, percentile: float, workdi
     elif method == "percentile":
         cal_opts.update(num_bins=PERCENTILE_BINS, percentile=float(percentile))
     if adapt is None:  # no graph-patch knowledge given: infer the feed from the input's declared type
-        adapt = lambda b: adapt_input(b, src.in_type, src.shape)
+        adapt = lambda b: adapt_input(graph_layout(src.in_type, src.shape), b)
     calibrator = create_calibrator(src.path, src.ops, augmented_model_path=str(workdir / "augmented.onnx"),
                                    calibrate_method=_calibration_method(method), extra_options=cal_opts)
     if method == "entropy":

@@ -58,7 +58,7 @@ class Artifact:
         layout = self.input_layout
 
         def adapt(batch: Any) -> Any:
-            from ..patches import adapt_input
+            from ..backends.inputs import adapt_input
 
             return adapt_input(layout, batch, color)
         return adapt

@@ -24,12 +24,14 @@ class CaffeTarget(Strict):
     batch_size: int = Field(1, ge=1, le=1024, description="N of the prototxt's input shape.")
 
 
-def caffe_runner(proto: ArtifactRef, model: ArtifactRef) -> Callable[[Callable[[str], Path]], Runner]:
-    """The runner factory for a prototxt + caffemodel pair (pycaffe when built, else OpenCV)."""
+def caffe_runner(proto: ArtifactRef, model: ArtifactRef,
+                 dialect: str) -> Callable[[Callable[[str], Path]], Runner]:
+    """The runner factory for a prototxt + caffemodel pair (pycaffe when built, else OpenCV), written in the
+    manifest's ``dialect``: the runner reads the net with that schema, never guessing it."""
     def make(resolve: Callable[[str], Path]) -> Runner:
         from ..backends import caffe as caffe_backend  # numpy and friends: only when a stage runs
 
-        return caffe_backend.CaffeRunner(resolve(proto.file), resolve(model.file), runtime="auto")
+        return caffe_backend.CaffeRunner(resolve(proto.file), resolve(model.file), runtime="auto", dialect=dialect)
     return make
 
 
@@ -60,8 +62,8 @@ def contribute(build: Build, target: CaffeTarget) -> None:
                                    check_input_shape=(target.batch_size, 3, h, w)))
         proto, model = output_ref(st, 0), output_ref(st, 1)
         transforms = output_transforms(caffe_patches)
-    build.runner("caffe", BackendBuild([proto, model], caffe_runner(proto, model), available=caffe_available,
-                                       output_transforms=transforms))
+    build.runner("caffe", BackendBuild([proto, model], caffe_runner(proto, model, target.dialect),
+                                       available=caffe_available, output_transforms=transforms))
 
 
 TARGET = Target("caffe", CaffeTarget, contribute, backends={"caffe": "fp32"}, requestable=("caffe",),

@@ -60,9 +60,9 @@ def write_caffe(tmp_path: Path, model: Any, dialect: str, shape: tuple[int, int,
     return proto, caffemodel, text
 
 
-def run_caffe(proto: Path, caffemodel: Path, runtime: str, x: np.ndarray) -> np.ndarray:
+def run_caffe(proto: Path, caffemodel: Path, runtime: str, x: np.ndarray, dialect: str) -> np.ndarray:
     """Features from a real Caffe runtime, shaped like the runner returns them ([N, D])."""
-    return CaffeRunner(proto, caffemodel, runtime).infer(x)
+    return CaffeRunner(proto, caffemodel, runtime, dialect=dialect).infer(x)
 
 
 def blob_shapes(proto: Path, caffemodel: Path, x: np.ndarray) -> dict[str, tuple[int, ...]]:

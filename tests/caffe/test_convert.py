@@ -126,7 +126,7 @@ def test_hand_built_onnx_with_shape_chain_and_expand():
     ref = (xin * (1 / (1 + np.exp(-g)))).reshape(2, -1)
     with tempfile.TemporaryDirectory() as d:
         proto, caffemodel, text = write_caffe(Path(d), model, "bvlc", (2, 3, 4, 2))
-        out = run_caffe(proto, caffemodel, "pycaffe", xin)
+        out = run_caffe(proto, caffemodel, "pycaffe", xin, "bvlc")
     # Caffe's sigmoid and numpy's exp differ by an ulp or two: rtol/atol 1e-6
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
     assert '"Scale"' in text and "Shape" not in text
@@ -138,7 +138,7 @@ def test_batch_larger_than_one_in_the_prototxt(tmp_path):
                            nn.Linear(4, 3)).eval()
     x = rand((4, 3, 6, 4), seed=2)
     proto, caffemodel, _ = write_caffe(tmp_path, export(module, (1, 3, 6, 4)), "bvlc", (4, 3, 6, 4))
-    np.testing.assert_allclose(run_caffe(proto, caffemodel, "pycaffe", x), torch_ref(module, x),
+    np.testing.assert_allclose(run_caffe(proto, caffemodel, "pycaffe", x, "bvlc"), torch_ref(module, x),
                                rtol=1e-5, atol=1e-6)  # 3-term dot products in float32
 
 
@@ -153,7 +153,7 @@ def test_output_taken_from_a_multi_top_layer(runtime, tmp_path):
     net = S.parse_prototxt(text, "bvlc")
     out_layer = next(la for la in net.layer if "output" in la.top)
     assert out_layer.name == "output" and list(out_layer.top) == ["output"]
-    np.testing.assert_array_equal(run_caffe(proto, caffemodel, runtime, x), torch_ref(module, x).reshape(2, -1))
+    np.testing.assert_array_equal(run_caffe(proto, caffemodel, runtime, x, "bvlc"), torch_ref(module, x).reshape(2, -1))
 
 
 def test_prototxt_parses_with_its_own_dialect_schema():

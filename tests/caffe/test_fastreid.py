@@ -82,7 +82,7 @@ def test_fastreid_config_converts_with_passing_parity(name, runtime, cfg_dir):
         proto, caffemodel, text, x, ref = _converted(name, dialect, cfg_dir)
         if "IBN" in name:
             assert '"MVN"' in text
-        out = run_caffe(proto, caffemodel, runtime, x)
+        out = run_caffe(proto, caffemodel, runtime, x, dialect)
         np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL, err_msg=f"{name} {dialect} {runtime}")
         o, r = out.astype(np.float64), ref.astype(np.float64)
         cos = np.sum(o * r, 1) / np.linalg.norm(o, axis=1) / np.linalg.norm(r, axis=1)

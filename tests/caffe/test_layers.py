@@ -223,6 +223,6 @@ def test_layer_mapping_matches_pytorch(case, dialect, runtime, tmp_path):
     proto, caffemodel, text = write_caffe(tmp_path, model, dialect, x.shape)
     used = set(line.split('"')[1] for line in text.splitlines() if line.strip().startswith("type:"))
     assert types <= used, f"expected layer types {sorted(types - used)} in the prototxt"
-    out = run_caffe(proto, caffemodel, runtime, x)
+    out = run_caffe(proto, caffemodel, runtime, x, dialect)
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)

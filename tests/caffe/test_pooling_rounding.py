@@ -51,7 +51,7 @@ def test_floor_pooling_shapes_and_values_equal_pytorch(hw, kind, dialect, runtim
         assert "ceil_mode: false" in text and '"Slice"' not in text
     else:
         assert "ceil_mode" not in text
-    out = run_caffe(proto, caffemodel, runtime, x).reshape(ref.shape)
+    out = run_caffe(proto, caffemodel, runtime, x, dialect).reshape(ref.shape)
     if kind == "max":
         np.testing.assert_array_equal(out, ref)
     else:
@@ -87,5 +87,5 @@ def test_ceil_mode_pooling_like_the_fastreid_stem(hw, dialect, tmp_path):
     assert ("ceil_mode: true" in text) == (dialect == "ceil_mode")
     for runtime in RUNTIMES:
         need(runtime)
-        out = run_caffe(proto, caffemodel, runtime, x).reshape(ref.shape)
+        out = run_caffe(proto, caffemodel, runtime, x, dialect).reshape(ref.shape)
         np.testing.assert_array_equal(out, ref)

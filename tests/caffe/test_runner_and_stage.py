@@ -41,7 +41,7 @@ def test_runner_protocol_describe_and_any_batch(runtime, tmp_path):
     need(runtime)
     module = _tiny()
     proto, caffemodel, _ = write_caffe(tmp_path, export(module, (1, 3, 8, 6)), "ceil_mode", (2, 3, 8, 6))
-    r = backend.CaffeRunner(proto, caffemodel, runtime)
+    r = backend.CaffeRunner(proto, caffemodel, runtime, dialect="ceil_mode")
     assert isinstance(r, Runner) and r.name == "caffe"
     d = r.describe()
     assert d["runtime"] == runtime and d["version"] and d["device"] == "cpu"
@@ -55,7 +55,7 @@ def test_runner_protocol_describe_and_any_batch(runtime, tmp_path):
 def test_auto_prefers_pycaffe(tmp_path):
     need("pycaffe")
     proto, caffemodel, _ = write_caffe(tmp_path, export(_tiny(), (1, 3, 8, 6)), "bvlc", (1, 3, 8, 6))
-    assert backend.CaffeRunner(proto, caffemodel).runtime == "pycaffe"
+    assert backend.CaffeRunner(proto, caffemodel, dialect="bvlc").runtime == "pycaffe"
 
 
 @pytest.mark.parametrize("runtime", ["pycaffe", "opencv"])
@@ -67,7 +67,7 @@ def test_batch_specific_net_is_run_at_its_own_batch(runtime, tmp_path):
     text = text.replace('type: "Flatten"', 'type: "Reshape"\n  reshape_param {\n    shape {\n      dim: 2\n'
                                            '      dim: -1\n    }\n  }')
     proto.write_text(text)
-    r = backend.CaffeRunner(proto, caffemodel, runtime)
+    r = backend.CaffeRunner(proto, caffemodel, runtime, dialect="bvlc")
     assert not r.batch_agnostic
     x = rand((3, 3, 8, 6), seed=2, low=0, high=255)
     np.testing.assert_allclose(r.infer(x), torch_ref(module, x), rtol=1e-5, atol=1e-4)
@@ -76,11 +76,11 @@ def test_batch_specific_net_is_run_at_its_own_batch(runtime, tmp_path):
 def test_runner_rejects_wrong_input(tmp_path):
     need("opencv")
     proto, caffemodel, _ = write_caffe(tmp_path, export(_tiny(), (1, 3, 8, 6)), "bvlc", (1, 3, 8, 6))
-    r = backend.CaffeRunner(proto, caffemodel, "opencv")
+    r = backend.CaffeRunner(proto, caffemodel, "opencv", dialect="bvlc")
     with pytest.raises(StageFailed, match="expects"):
         r.infer(np.zeros((1, 3, 6, 8), np.float32))
     with pytest.raises(StageFailed, match="not found"):
-        backend.CaffeRunner(proto, tmp_path / "missing.caffemodel", "opencv")
+        backend.CaffeRunner(proto, tmp_path / "missing.caffemodel", "opencv", dialect="bvlc")
 
 
 @pytest.mark.parametrize("dialect", ["bvlc", "ceil_mode"])
@@ -132,14 +132,51 @@ def test_pycaffe_problems_are_errors_not_aborts(tmp_path):
     """libcaffe aborts the process on a bad prototxt; the runner checks first and raises instead."""
     need("pycaffe")
     proto, caffemodel, text = write_caffe(tmp_path, export(_tiny(), (1, 3, 8, 6)), "ceil_mode", (1, 3, 8, 6))
-    assert backend.CaffeRunner(proto, caffemodel, "pycaffe").describe()["pooling_field_13"] == "ceil_mode"
+    runner = backend.CaffeRunner(proto, caffemodel, "pycaffe", dialect="ceil_mode")
+    assert runner.describe()["pooling_field_13"] == "ceil_mode"
     proto.write_text(text.replace("ceil_mode: false", "round_mode: FLOOR"))
     with pytest.raises(StageFailed, match="cannot parse the prototxt"):
-        backend.CaffeRunner(proto, caffemodel, "pycaffe")
+        backend.CaffeRunner(proto, caffemodel, "pycaffe", dialect="ceil_mode")
     proto.write_text(text)
     caffemodel.write_bytes(b"\xff\xff\xff")
     with pytest.raises(StageFailed, match="not a Caffe NetParameter"):
-        backend.CaffeRunner(proto, caffemodel, "pycaffe")
+        backend.CaffeRunner(proto, caffemodel, "pycaffe", dialect="ceil_mode")
+
+
+def test_runner_reads_the_net_with_the_declared_dialect(tmp_path):
+    """The dialect is passed in (from the manifest), never guessed from the prototxt; an unknown one is refused."""
+    need("opencv")
+    proto, caffemodel, _ = write_caffe(tmp_path, export(_tiny(), (1, 3, 8, 6)), "ceil_mode", (1, 3, 8, 6))
+    r = backend.CaffeRunner(proto, caffemodel, "opencv", dialect="ceil_mode")
+    assert r.dialect == "ceil_mode" and r.output_layer == "output" and r.input_shape == (1, 3, 8, 6)
+    with pytest.raises(StageFailed, match="unknown Caffe dialect 'fork'"):
+        backend.CaffeRunner(proto, caffemodel, "opencv", dialect="fork")
+
+
+def test_infer_runs_caffe_in_the_manifests_dialect(tmp_path):
+    """`infer --backend caffe` builds its runner with targets.caffe.dialect (through the lock-checked artifacts)."""
+    need("pycaffe")
+    from click.testing import CliRunner
+
+    from reidbuild.cli import main
+    from reidbuild.infer import make_runner
+    from reidbuild.manifest import load_manifest
+    from tests.helpers import tiny_manifest
+
+    m = tiny_manifest(tmp_path, backends="[onnxruntime, caffe]", extra="targets:\n  caffe: {dialect: bvlc}\n")
+    r = CliRunner().invoke(main, ["apply", str(m)], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    with make_runner(load_manifest(m), "caffe") as runner:
+        assert runner.dialect == "bvlc"
+    feats = {}
+    for name in ("caffe", "torch"):
+        r = CliRunner().invoke(main, ["infer", str(m), "--backend", name, "--input", str(tmp_path / "imgs" / "*.png"),
+                                      "--output", str(tmp_path / name)], catch_exceptions=False)
+        assert r.exit_code == 0, r.stderr
+        feats[name] = np.stack([np.load(f) for f in sorted((tmp_path / name).glob("*.npy"))])
+    assert feats["caffe"].shape == feats["torch"].shape == (5, 512)
+    # the parity tolerance the manifest uses by default, relative to the features' scale
+    np.testing.assert_allclose(feats["caffe"], feats["torch"], rtol=1e-3, atol=1e-3 * np.abs(feats["torch"]).max())
 
 
 def test_pycaffe_one_image_at_a_time_equals_a_batched_forward(tmp_path):
@@ -156,6 +193,6 @@ def test_pycaffe_one_image_at_a_time_equals_a_batched_forward(tmp_path):
     net.blobs["input"].data[...] = x
     net.forward()
     batched = np.array(net.blobs["output"].data, dtype=np.float32).reshape(4, -1)
-    runner = backend.CaffeRunner(proto, caffemodel, "pycaffe")
+    runner = backend.CaffeRunner(proto, caffemodel, "pycaffe", dialect="ceil_mode")
     assert runner.batch_agnostic
     np.testing.assert_array_equal(runner.infer(x), batched)

@@ -191,7 +191,7 @@ def test_caffe_conversion_matches_fastreid(family: str, dialect: str, runtime: s
     proto, weights, text = converted(family, dialect, folder)
     if family == "resnest":  # split attention: radix softmax and grouped conv in stock layers
         assert 'type: "Softmax"' in text and "group: 2" in text
-    assert_close(run_caffe(proto, weights, runtime, images), expected, f"{family}: {runtime} {dialect} vs fast-reid")
+    assert_close(run_caffe(proto, weights, runtime, images, dialect), expected, f"{family}: {runtime} {dialect} vs fast-reid")
 
 
 def test_vit_is_refused_by_caffe_with_one_line(folder: str) -> None:

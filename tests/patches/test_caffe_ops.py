@@ -366,7 +366,7 @@ def test_caffe_diff(tmp_path):
 
 def test_caffe_pool_size_matches_integer_arithmetic():
     """Caffe divides in float32; on every small geometry that must equal exact integer ceil/floor (+ clip)."""
-    from reidbuild.caffe.convert import caffe_pool_size
+    from reidbuild.caffe.shapes import caffe_pool_size
 
     def exact(d, k, s, p, ceil, any_pad):
         num = d + 2 * p - k

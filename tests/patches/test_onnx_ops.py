@@ -227,7 +227,7 @@ def test_l2_normalize_output_matches_the_declared_transform(tmp_path, onnx_bytes
 
 
 def test_uint8_bgr_input_matches_the_float_rgb_model(tmp_path, onnx_bytes):
-    from reidbuild.backends.onnxruntime import adapt_input as backend_adapt
+    from reidbuild.backends.inputs import graph_layout
 
     p = write_patch(tmp_path, "u8.yml", """\
         format: onnx
@@ -247,7 +247,7 @@ def test_uint8_bgr_input_matches_the_float_rgb_model(tmp_path, onnx_bytes):
     assert feed.dtype == np.uint8 and feed.shape == (3, 16, 8, 3)
     np.testing.assert_array_equal(feed[0, 2, 5], x[0, ::-1, 2, 5].astype(np.uint8))  # BGR order
     np.testing.assert_array_equal(run_onnx(out, feed), ref)
-    np.testing.assert_array_equal(backend_adapt(x, "tensor(uint8)", ["batch", 16, 8, 3]), feed)
+    np.testing.assert_array_equal(adapt_input(graph_layout("tensor(uint8)", ["batch", 16, 8, 3]), x), feed)
 
 
 def test_strip_metadata(tmp_path, onnx_bytes):

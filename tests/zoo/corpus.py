@@ -222,7 +222,7 @@ def onnx_features(t: Trained, out: Path) -> np.ndarray:
 def caffe_features(t: Trained, out: Path) -> np.ndarray:
     from reidbuild.backends.caffe import CaffeRunner
 
-    runner = CaffeRunner(out / "model.prototxt", out / "model.caffemodel", "pycaffe")
+    runner = CaffeRunner(out / "model.prototxt", out / "model.caffemodel", "pycaffe", dialect="bvlc")
     return np.concatenate([runner.infer(x[None]) for x in pixels(t)])
 
 
