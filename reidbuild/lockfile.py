@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import yaml
 
@@ -34,8 +34,9 @@ class StageRecord:
     seconds: Optional[float] = None  # how long the stage ran when it was built (the report's timeline)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"fingerprint": self.fingerprint, "status": self.status, "params": self.params,
-               "inputs": self.inputs, "outputs": self.outputs, "record": self.record, "tools": self.tools}
+        out: dict[str, Any] = {"fingerprint": self.fingerprint, "status": self.status, "params": self.params,
+                               "inputs": self.inputs, "outputs": self.outputs, "record": self.record,
+                               "tools": self.tools}
         if self.seconds is not None:
             out["seconds"] = self.seconds
         return out
@@ -55,8 +56,6 @@ class Lock:
 def plain(obj: Any) -> Any:
     """Round-trip through JSON so only plain types (and stable float text) reach YAML."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -109,15 +108,19 @@ def _check_record(name: str, rec: Any) -> None:
             raise ValueError(f"stage {name}: tools.{tool} must be a version string")
 
 
-def write(path: Path, lock: Lock) -> None:
-    """Write the lock atomically; an unchanged lock is left alone (a no-op apply writes nothing)."""
+def write(path: Path, lock: Lock, on_synced: Optional[Callable[[], None]] = None) -> None:
+    """Write the lock atomically; an unchanged lock is left alone (a no-op apply writes nothing).
+
+    ``on_synced`` is called once the complete temp file is fsynced, before it replaces the lock (a commit
+    point crash tests stop at).
+    """
     data = lock.to_text().encode()
     try:
         if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
             return
     except OSError:
         pass
-    atomic_write(path.parent, path.name, data)
+    atomic_write(path.parent, path.name, data, before_replace=on_synced)
 
 
 def iter_artifacts(lock: Lock) -> Iterator[tuple[str, str, dict[str, Any]]]:
