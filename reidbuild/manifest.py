@@ -20,7 +20,7 @@ BACKENDS = ("onnxruntime", "caffe", "tensorrt")
 CHECKS = ("onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8", "onnx_int8_cpu")
 
 
-def check_plain_name(value: str, what: str = "name") -> str:
+def check_file_name(value: str, what: str = "name") -> str:
     """Refuse anything that could escape a folder when used as (part of) a file name."""
     if not value or "/" in value or "\\" in value or ".." in value or value.startswith(".") or "\x00" in value:
         raise ValueError(f"{what} must be a plain file name (no '/', '\\', '..' or leading '.'), got {value!r}")
@@ -177,8 +177,8 @@ class Manifest(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _plain_name(cls, v: str) -> str:
-        return check_plain_name(v)
+    def _file_name(cls, v: str) -> str:
+        return check_file_name(v)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Manifest":

@@ -35,7 +35,7 @@ def config(lm: LoadedManifest) -> dict[str, Any]:
 
         return load_config(lm.resolve(src.config), dict(src.opts))
     with _user_fastreid(lm) as fastreid:
-        return _plain(_user_cfg(lm, fastreid))
+        return _builtin_types(_user_cfg(lm, fastreid))
 
 
 def params(lm: LoadedManifest, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -175,11 +175,11 @@ def _user_cfg(lm: LoadedManifest, fastreid: Any) -> Any:
     return cfg
 
 
-def _plain(node: Any) -> Any:
+def _builtin_types(node: Any) -> Any:
     if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
+        return {str(k): _builtin_types(v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return [_plain(v) for v in node]
+        return [_builtin_types(v) for v in node]
     return node
 
 

@@ -343,7 +343,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
     data = yamlio.load_mapping(path, "fast-reid config", ConfigError, "MODEL, INPUT, ...").data
     try:
-        _check_plain(data, (), str(path))
+        _check_yacs_types(data, (), str(path))
     except RecursionError:
         raise ConfigError(f"{path}: YAML is nested too deeply") from None
     return data
@@ -358,7 +358,7 @@ def _first_line(text: Any) -> str:
     return str(text).strip().splitlines()[0] if str(text).strip() else "unknown problem"
 
 
-def _check_plain(node: Any, keys: tuple[str, ...], where: str,
+def _check_yacs_types(node: Any, keys: tuple[str, ...], where: str,
                  _path: tuple[int, ...] = (), _budget: list[int] | None = None) -> None:
     """Only the value types yacs accepts (plus mappings/lists of them) may appear.
 
@@ -377,10 +377,10 @@ def _check_plain(node: Any, keys: tuple[str, ...], where: str,
         for key, value in node.items():
             if not isinstance(key, str):
                 raise ConfigError(f"{where}: key {key!r} under {_dotted(keys) or 'the top level'} must be a string")
-            _check_plain(value, (*keys, key), where, _path, budget)
+            _check_yacs_types(value, (*keys, key), where, _path, budget)
     elif isinstance(node, (list, tuple)):
         for item in node:
-            _check_plain(item, keys, where, _path, budget)
+            _check_yacs_types(item, keys, where, _path, budget)
     elif not isinstance(node, _SCALARS):
         raise ConfigError(
             f"{where}: {_dotted(keys)} has a {type(node).__name__} value; fast-reid configs hold only "
@@ -449,7 +449,7 @@ def _apply_opt(cfg: dict[str, Any], dotted: Any, raw: Any, path: Path) -> None:
     parts = dotted.split(".")
     if BASE_KEY in parts:
         raise ConfigError(f"{where}: {BASE_KEY} can only be used in config files")
-    _check_plain(raw, tuple(parts), where)
+    _check_yacs_types(raw, tuple(parts), where)
     node = cfg
     for depth, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:

@@ -47,7 +47,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _plain_name(v: str, what: str) -> str:
+def _file_name(v: str, what: str) -> str:
     if not v or len(v) > 200 or any(c in v for c in "\x00\n\r\"'\\"):
         raise ValueError(f"{what} must be 1..200 characters without quotes, backslashes or line breaks")
     return v
@@ -107,7 +107,7 @@ class RenameTensor(_Op):
     def _one_of(self) -> "RenameTensor":
         if (self.select is None) == (self.tensor is None):
             raise ValueError("rename_tensor needs exactly one of select (the producing node) or tensor (a name)")
-        _plain_name(self.to, "to")
+        _file_name(self.to, "to")
         return self
 
 
@@ -119,7 +119,7 @@ class RenameNode(_Op):
     @field_validator("to")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _plain_name(v, "to")
+        return _file_name(v, "to")
 
 
 class RemoveNode(_Op):
@@ -167,7 +167,7 @@ class NewNode(_Strict):
     @field_validator("name", "output")
     @classmethod
     def _names(cls, v: Optional[str]) -> Optional[str]:
-        return v if v is None else _plain_name(v, "name")
+        return v if v is None else _file_name(v, "name")
 
     @field_validator("attributes", "params")
     @classmethod
