@@ -78,7 +78,7 @@ def test_locked_and_no_op_runs_write_nothing_and_only_pass_between_stages(root: 
     text = (root / "m.lock").read_text()
     for kw in ({}, {"locked": True}):
         seen: list[tuple[str, str, str]] = []
-        remove = pipeline.add_commit_hook(lambda p, s, f: seen.append((p, s, f)))
+        remove = pipeline.add_commit_hook(lambda p, s, f, seen=seen: seen.append((p, s, f)))
         try:
             out = _apply(root, "x", **kw)
         finally:
