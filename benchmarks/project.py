@@ -31,7 +31,7 @@ def write_images(folder: Path, images: np.ndarray, prefix: str = "p") -> list[Pa
 
 def make_r50_project(root: Path, parity_images: int = 12, bn_images: int = 64, extra: str = "") -> Path:
     """Write a trained-like R50 checkpoint, ``parity_images`` images and a manifest under ``root``."""
-    from reidbuild.fastreid.baseline import build_model
+    from reidbuild.fastreid import build_model
     from reidbuild.fastreid.checkpoint import make_checkpoint
     from reidbuild.fastreid.config import load_config
     from reidbuild.testing import make_trained_like, person_like_images
@@ -74,7 +74,7 @@ def r50_onnx(root: Path) -> bytes:
     import onnx
     import onnxsim
 
-    from reidbuild.fastreid.baseline import build_model
+    from reidbuild.fastreid import build_model
     from reidbuild.fastreid.config import load_config
     from reidbuild.stages.onnx import export_onnx
     from reidbuild.testing import make_trained_like, person_like_images

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads wreck latency on small machines
 os.environ.setdefault("GLOG_minloglevel", "2")  # keep pycaffe quiet
@@ -21,6 +21,10 @@ os.environ.setdefault("GLOG_minloglevel", "2")  # keep pycaffe quiet
 import click
 
 from .errors import CheckFailed, InputError
+
+if TYPE_CHECKING:
+    from .manifest import LoadedManifest
+    from .pipeline import Stage
 
 EXIT_OK, EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 6, 70, 130
 
@@ -55,7 +59,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load(manifest: str):
+def _load(manifest: str) -> tuple[LoadedManifest, list[Stage]]:
     from .manifest import load_manifest
     from .stages.assemble import assemble
 
@@ -126,8 +130,9 @@ def plan(manifest: str, as_json: bool, diff: bool) -> None:
     planner = Planner(stages, lockfile.read(lm.lock_path), lm.output_dir, lm.base, hashes)
     plans = planner.plan()
     unavailable = {s.name: s.available() for s in stages if s.available}
-    rows = [{"stage": p.stage.name, "stale": p.stale, "reasons": p.reasons, "outputs": list(p.stage.outputs),
-             "unavailable": unavailable.get(p.stage.name), "description": p.stage.description} for p in plans]
+    rows: list[dict[str, Any]] = [
+        {"stage": p.stage.name, "stale": p.stale, "reasons": p.reasons, "outputs": list(p.stage.outputs),
+         "unavailable": unavailable.get(p.stage.name), "description": p.stage.description} for p in plans]
     diffs: list[dict[str, str]] = []
     if diff:
         diffs = [{"stage": s.name, "patch": str(p), "diff": d}
@@ -234,7 +239,12 @@ def _apply_fleet(paths: list[Path], opts: Any, as_json: bool, jobs: int, ray_add
     from . import fleet
 
     t0 = time.perf_counter()
-    results = fleet.run_fleet(paths, opts, _fleet_printer, jobs=jobs, ray_address=ray_address)
+    if ray_address is not None:
+        from .raycluster import run_on_ray
+
+        results = run_on_ray(paths, opts, _fleet_printer, ray_address)
+    else:
+        results = fleet.run_fleet(paths, opts, _fleet_printer, jobs=jobs)
     total = time.perf_counter() - t0
     if as_json:
         _emit_json({"manifests": [r.to_dict() for r in results], "seconds": round(total, 3),
@@ -263,7 +273,8 @@ def _report_path(lock_path: Path) -> Path | None:
     for entry in rec.outputs.values():
         path = (lock_path.parent / entry["path"]).resolve()
         if path.is_file():
-            return path.relative_to(here) if path.is_relative_to(here) else path
+            shown: Path = path.relative_to(here) if path.is_relative_to(here) else path
+            return shown
     return None
 
 
@@ -387,7 +398,7 @@ def cache_ls(cache_url: str, as_json: bool) -> None:
     from .cache import open_store
 
     store = open_store(cache_url, required=True, why_required="cache ls needs to read it")
-    rows = [{"key": e.key, "stage": e.stage, "files": sorted(e.files), "bytes": e.size,
+    rows: list[dict[str, Any]] = [{"key": e.key, "stage": e.stage, "files": sorted(e.files), "bytes": e.size,
              "pushed": e.modified.isoformat(timespec="seconds")} for e in store.entries()]
     if as_json:
         _emit_json({"cache": cache_url, "entries": rows})

@@ -110,7 +110,8 @@ def _similarities(feats: np.ndarray) -> np.ndarray:
     unit = l2_normalize(feats)
     sim = unit @ unit.T
     np.fill_diagonal(sim, -np.inf)
-    return sim
+    out: np.ndarray = sim
+    return out
 
 
 def retrieval_agreement(reference: np.ndarray, actual: np.ndarray, k: int) -> tuple[Optional[float], Optional[float]]:

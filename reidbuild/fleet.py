@@ -131,14 +131,10 @@ def apply_one_safely(path: Path, opts: ApplyOptions, emit: Emit,
         return ManifestResult(str(path), exit_code=code, message=message)
 
 
-def run_fleet(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], Emit], jobs: int = 1,
-              ray_address: Optional[str] = None) -> list[ManifestResult]:
-    """Build every manifest; ``emit_for(label)`` gives each manifest's event printer (it must be picklable
-    for ``jobs`` > 1: it travels to a worker process)."""
-    if ray_address is not None:
-        from .raycluster import run_on_ray
-
-        return run_on_ray(paths, opts, emit_for, ray_address)
+def run_fleet(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], Emit],
+              jobs: int = 1) -> list[ManifestResult]:
+    """Build every manifest here; ``emit_for(label)`` gives each manifest's event printer (it must be picklable
+    for ``jobs`` > 1: it travels to a worker process). On a Ray cluster: ``raycluster.run_on_ray``."""
     if jobs <= 1:
         return [apply_one_safely(p, opts, emit_for(label(p))) for p in paths]
     # spawn, not fork: a forked copy of a process that already imported torch/onnxruntime threads can hang

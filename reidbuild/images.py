@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from .errors import ImageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 _FILTERS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS",
             "box": "BOX", "hamming": "HAMMING"}
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear message
 
 
-def _to_rgb(img: "Image.Image") -> "Image.Image":  # noqa: F821
+def _to_rgb(img: Image.Image) -> Image.Image:
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

@@ -35,8 +35,7 @@ class StageRecord:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"fingerprint": self.fingerprint, "status": self.status, "params": self.params,
-                               "inputs": self.inputs, "outputs": self.outputs, "record": self.record,
-                               "tools": self.tools}
+               "inputs": self.inputs, "outputs": self.outputs, "record": self.record, "tools": self.tools}
         if self.seconds is not None:
             out["seconds"] = self.seconds
         return out

@@ -16,10 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import yamlio
 from .errors import ImageError, ManifestError
 
-BACKENDS = ("onnxruntime", "caffe", "tensorrt")
-CHECKS = ("onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8", "onnx_int8_cpu")
-
-
 def check_file_name(value: str, what: str = "name") -> str:
     """Refuse anything that could escape a folder when used as (part of) a file name."""
     if not value or "/" in value or "\\" in value or ".." in value or value.startswith(".") or "\x00" in value:
@@ -75,7 +71,7 @@ class Input(_Strict):
 
 
 class OnnxTarget(_Strict):
-    opset: int = Field(17, ge=11, le=17, description="TorchScript exporter opsets (reproducible bytes).")
+    opset: int = Field(default=17, ge=11, le=17, description="TorchScript exporter opsets (reproducible bytes).")
     simplify: bool = True
     dynamic_batch: bool = True
     patches: list[str] = Field(default_factory=list, description="Graph patch files applied in order.")

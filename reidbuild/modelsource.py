@@ -35,7 +35,8 @@ def config(lm: LoadedManifest) -> dict[str, Any]:
 
         return load_config(lm.resolve(src.config), dict(src.opts))
     with _user_fastreid(lm) as fastreid:
-        return _builtin_types(_user_cfg(lm, fastreid))
+        cfg: dict[str, Any] = _as_builtin(_user_cfg(lm, fastreid))
+        return cfg
 
 
 def params(lm: LoadedManifest, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def _import_fastreid(lm: LoadedManifest, root: Path) -> Any:
         importlib.import_module("fastreid.modeling")
     except Exception as exc:  # noqa: BLE001 - importing the user's code may raise anything
         raise ManifestError(f"{where}: importing fastreid from {root} failed: {_one_line(exc)}") from None
-    if not Path(fastreid.__file__).resolve().is_relative_to(root):
+    if not Path(str(fastreid.__file__)).resolve().is_relative_to(root):
         raise ManifestError(f"{where}: fastreid was imported from {fastreid.__file__}, not from {root}")
     return fastreid
 
@@ -175,11 +176,11 @@ def _user_cfg(lm: LoadedManifest, fastreid: Any) -> Any:
     return cfg
 
 
-def _builtin_types(node: Any) -> Any:
+def _as_builtin(node: Any) -> Any:
     if isinstance(node, dict):
-        return {str(k): _builtin_types(v) for k, v in node.items()}
+        return {str(k): _as_builtin(v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return [_builtin_types(v) for v in node]
+        return [_as_builtin(v) for v in node]
     return node
 
 

@@ -101,8 +101,8 @@ class StageContext:
         if "_tmp" not in self.cache:
             # the PID in the name lets the next run remove it if this one is killed
             self.cache["_tmp"] = Path(tempfile.mkdtemp(prefix=f".tmp-work-{os.getpid()}-", dir=self.output_dir))
-        tmp: Path = self.cache["_tmp"]
-        return tmp
+        scratch: Path = self.cache["_tmp"]
+        return scratch
 
 
 # ------------------------------------------------------------------------------------------------ plan

@@ -22,7 +22,7 @@ Emit = Callable[[pipeline.Event], None]
 
 def import_ray() -> Any:
     try:
-        import ray  # noqa: PLC0415 (optional dependency)
+        import ray  # optional dependency
     except ImportError:
         raise Unavailable("--ray needs Ray: pip install 'reidbuild[ray]'") from None
     return ray
@@ -47,7 +47,7 @@ def _ray_store(url: str) -> Any:
 
 
 def _node_id() -> str:
-    import ray  # noqa: PLC0415
+    import ray
 
     return ray.get_runtime_context().get_node_id()
 
@@ -112,7 +112,8 @@ class RayRunner:
             return stage.available() if stage.available else None
         answer = self.ray.get(self._probe.options(**self._options(stage)).remote(self.manifest, stage.name))
         self.placement[stage.name] = answer["node"]
-        return answer["unavailable"]
+        why: Optional[str] = answer["unavailable"]
+        return why
 
     def execute(self, stage: pipeline.Stage, fingerprint: str, ctx: pipeline.StageContext,
                 committed: dict[str, dict[str, Any]]) -> pipeline.StageResult:
@@ -145,12 +146,13 @@ def run_on_ray(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], 
     if not opts.cache:
         raise InputError("--ray needs --cache URL (or REIDBUILD_CACHE): a cache every node can reach carries "
                          "the artifacts between nodes")
+    cache_url = opts.cache
     ray = import_ray()
     ray.init(address=None if address == "local" else address, logging_level="WARNING",
              log_to_driver=False, ignore_reinit_error=True)
     try:
         def one(p: Path) -> ManifestResult:
-            runner = RayRunner(ray, p, _ray_store(opts.cache))
+            runner = RayRunner(ray, p, _ray_store(cache_url))
             result = apply_one_safely(p, opts, emit_for(label(p)), runner)
             result.placement = dict(runner.placement)
             return result

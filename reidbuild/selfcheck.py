@@ -42,7 +42,7 @@ def open_session(data: bytes, what: str) -> Any:
 
     try:
         return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: onnxruntime cannot load the model: {_first_line(exc)}") from None
 
 
@@ -85,7 +85,7 @@ def run_outputs(sess: Any, images: np.ndarray, what: str,
     feeds, params = input_feeds(sess, images, adapt)
     try:
         outs = sess.run(None, feeds)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: onnxruntime cannot run the model (batch {len(images)}): {_first_line(exc)}") from None
     return {o.name: r for o, r in zip(sess.get_outputs(), outs)}, params
 

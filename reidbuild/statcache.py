@@ -19,7 +19,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .fsutil import HashCache, atomic_write, sha256_file
 
@@ -45,7 +45,7 @@ class StatCache(HashCache):
     def __init__(self, folder: Path) -> None:
         super().__init__()
         self.folder = folder
-        self._entries: dict[str, list] = _read(folder / STATE_NAME)
+        self._entries: dict[str, list[Any]] = _read(folder / STATE_NAME)
         self._dirty = False
 
     def file(self, path: Path) -> str:
@@ -55,7 +55,7 @@ class StatCache(HashCache):
         entry = self._entries.get(key)
         if (entry is not None and entry[:5] == _stat_key(st)
                 and (entry[6] == 1 or not _racy(st.st_mtime_ns, entry[5]))):
-            return entry[7]
+            return str(entry[7])
         hashed_at = time.time_ns()
         digest = sha256_file(Path(key))
         self._remember(key, os.stat(key), hashed_at, digest, st, written=False)
@@ -88,7 +88,7 @@ class StatCache(HashCache):
         self._dirty = False
 
 
-def _read(path: Path) -> dict[str, list]:
+def _read(path: Path) -> dict[str, list[Any]]:
     """The remembered entries; anything unexpected (absent, a link, corrupt, another version) reads as empty."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)

@@ -8,14 +8,19 @@ model both properties without training: seeded weights, then the BatchNorm stati
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from .probe import person_like_images  # noqa: F401 (one generator: the self-checks' probe)
+from .probe import person_like_images  # one generator: the self-checks' probe
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["feature_cosines", "make_trained_like", "measure_bn_statistics", "person_like_images"]
 
 
-def _seeded_init(model: "torch.nn.Module", seed: int) -> None:  # noqa: F821
+def _seeded_init(model: torch.nn.Module, seed: int) -> None:
     """He-normal convolutions/linears and varied BatchNorm affines, all from one seed."""
     import torch
 
@@ -25,21 +30,22 @@ def _seeded_init(model: "torch.nn.Module", seed: int) -> None:  # noqa: F821
             weight = getattr(mod, "weight", None)
             if not isinstance(weight, torch.nn.Parameter):
                 continue
+            bias = getattr(mod, "bias", None)
             if isinstance(mod, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)):
                 weight.copy_(torch.rand(weight.shape, generator=gen) * 0.8 + 0.6)
-                if getattr(mod, "bias", None) is not None and mod.bias.requires_grad:
-                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.3 - 0.2)  # some channels off, as after training
+                if isinstance(bias, torch.Tensor) and bias.requires_grad:
+                    bias.copy_(torch.randn(bias.shape, generator=gen) * 0.3 - 0.2)  # some channels off, as after training
                 continue
             if weight.dim() < 2 or weight.numel() == 0:
                 continue
             fan_in = weight[0].numel()
             weight.copy_(torch.randn(weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-            if getattr(mod, "bias", None) is not None:
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.01)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.randn(bias.shape, generator=gen) * 0.01)
         _damp_non_local(model, gen)
 
 
-def _damp_non_local(model: "torch.nn.Module", gen: "torch.Generator") -> None:  # noqa: F821
+def _damp_non_local(model: torch.nn.Module, gen: torch.Generator) -> None:
     """Small output norms in Non-local blocks (modules with g/theta/phi/W children, fast-reid's and ours).
 
     A Non-local block's attention is cubic in its input, so with full-scale weights an image a little brighter
@@ -52,12 +58,14 @@ def _damp_non_local(model: "torch.nn.Module", gen: "torch.Generator") -> None:  
     for mod in model.modules():
         if not all(hasattr(mod, name) for name in ("g", "theta", "phi", "W")):
             continue
-        norms = [m for m in mod.W.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
-        if norms:
+        branch = mod.W
+        norms = [m for m in branch.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)] \
+            if isinstance(branch, torch.nn.Module) else []
+        if norms and isinstance(norms[-1].weight, torch.Tensor):
             norms[-1].weight.copy_(torch.rand(norms[-1].weight.shape, generator=gen) * 0.02 + 0.01)
 
 
-def _residual_closing_norms(model: "torch.nn.Module") -> list["torch.nn.Module"]:  # noqa: F821
+def _residual_closing_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The BatchNorm that ends each residual branch (``bn3`` of a bottleneck, ``bn2`` of a basic block)."""
     out = []
     for block in model.modules():
@@ -68,7 +76,7 @@ def _residual_closing_norms(model: "torch.nn.Module") -> list["torch.nn.Module"]
     return out
 
 
-def _calm_residual_branches(model: "torch.nn.Module", seed: int) -> None:  # noqa: F821
+def _calm_residual_branches(model: torch.nn.Module, seed: int) -> None:
     """Give each residual branch's last BatchNorm a small scale (0.1-0.3), as trained ResNets have (many
     recipes start it at zero). With every BatchNorm scale near 1 the residual stream of a deep ResNet grows
     block by block and the network turns chaotic: half a grey level of input noise moved an R50's features to
@@ -80,10 +88,12 @@ def _calm_residual_branches(model: "torch.nn.Module", seed: int) -> None:  # noq
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for bn in _residual_closing_norms(model):
-            bn.weight.copy_(torch.rand(bn.weight.shape, generator=gen) * 0.2 + 0.1)
+            weight = bn.weight
+            if isinstance(weight, torch.Tensor):  # always: only norms with a weight parameter are listed
+                weight.copy_(torch.rand(weight.shape, generator=gen) * 0.2 + 0.1)
 
 
-def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: int = 16) -> None:  # noqa: F821
+def measure_bn_statistics(model: torch.nn.Module, images: np.ndarray, batch: int = 16) -> None:
     """Replace every BatchNorm's running mean/var by the exact average over ``images`` (float32 NCHW 0..255).
 
     A momentum of 1/(k+1) for the k-th batch keeps the running values the cumulative average of the batches
@@ -113,7 +123,7 @@ def measure_bn_statistics(model: "torch.nn.Module", images: np.ndarray, batch: i
     model.eval()
 
 
-def make_trained_like(model: "torch.nn.Module", images: np.ndarray, seed: int = 0) -> "torch.nn.Module":  # noqa: F821
+def make_trained_like(model: torch.nn.Module, images: np.ndarray, seed: int = 0) -> torch.nn.Module:
     """Seeded weights (small residual-branch scales, as after training) plus BatchNorm statistics measured on
     ``images``; returns ``model`` in eval mode."""
     _seeded_init(model, seed)
@@ -126,4 +136,5 @@ def feature_cosines(features: Iterable[np.ndarray]) -> np.ndarray:
     """Pairwise cosine similarity of row features: tests use it to prove that images get distinct features."""
     feats = np.asarray(list(features), dtype=np.float64)
     feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    return feats @ feats.T
+    cos: np.ndarray = feats @ feats.T
+    return cos

@@ -26,7 +26,7 @@ class VerifyReport:
 
 def _engine_env_problem(rec: lockfile.StageRecord) -> str | None:
     try:
-        from .tensorrt.build import engine_env_mismatch
+        from .tensorrt.env import engine_env_mismatch
     except ImportError:  # pragma: no cover - the module ships with reidbuild
         return None
     return engine_env_mismatch(rec.record.get("environment") or {})

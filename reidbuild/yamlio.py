@@ -154,12 +154,16 @@ def _check_depth(text: str, path: Path, loader: type = yaml.SafeLoader) -> None:
         if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                m = event.start_mark
-                raise InputError(f"{path}:{m.line + 1}:{m.column + 1}: nesting deeper than {MAX_DEPTH} levels")
+                raise InputError(f"{path}:{_where(event)}: nesting deeper than {MAX_DEPTH} levels")
         elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             depth -= 1
         if isinstance(event, yaml.NodeEvent):
             values += 1
             if values > MAX_NODES:
-                m = event.start_mark
-                raise InputError(f"{path}:{m.line + 1}:{m.column + 1}: document has more than {MAX_NODES} values")
+                raise InputError(f"{path}:{_where(event)}: document has more than {MAX_NODES} values")
+
+
+def _where(event: yaml.Event) -> str:
+    """``line:column`` (1-based) where a parser event starts; PyYAML's parser always sets the mark."""
+    m = event.start_mark
+    return f"{m.line + 1}:{m.column + 1}" if m is not None else "?"

@@ -11,7 +11,7 @@ PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-echo "== python: $($PY -c 'import sys; print(sys.version.split()[0])'); TensorRT: $($PY -c 'from reidbuild.tensorrt.build import available; print(available() or "available")')"
+echo "== python: $($PY -c 'import sys; print(sys.version.split()[0])'); TensorRT: $($PY -c 'from reidbuild.tensorrt.env import available; print(available() or "available")')"
 status=0
 $PY -m pytest tests/gpu -v -rs -p no:cacheprovider || status=$?
 echo "== throughput"

@@ -37,7 +37,7 @@ def person(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     d = ImageDraw.Draw(img)
     cx = w * rng.uniform(0.4, 0.6)
-    col = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))  # noqa: E731
+    col = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))
     d.ellipse([cx - w * 0.12, h * 0.05, cx + w * 0.12, h * 0.18], fill=col())
     d.rectangle([cx - w * 0.25, h * 0.2, cx + w * 0.25, h * 0.55], fill=col())
     d.rectangle([cx - w * 0.2, h * 0.55, cx - w * 0.02, h * 0.95], fill=col())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.browser import chromium, load, pixel_stddev  # noqa: E402
+from tests.browser import chromium, load, pixel_stddev
 
 
 def main(argv: list[str]) -> int:

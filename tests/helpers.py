@@ -63,7 +63,7 @@ def tiny_manifest(root: Path, *, extra: str = "", backends: str = "[onnxruntime]
 
 def tiny_model(root: Path, seed: int):
     """The fast-reid model of ``tiny_manifest(root)``'s config, with seeded random weights."""
-    from reidbuild.fastreid.baseline import build_model
+    from reidbuild.fastreid import build_model
     from reidbuild.fastreid.checkpoint import init_random
     from reidbuild.fastreid.config import load_config
 

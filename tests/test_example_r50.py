@@ -24,7 +24,7 @@ def cli(*args: str):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    from reidbuild.fastreid.baseline import build_model
+    from reidbuild.fastreid import build_model
     from reidbuild.fastreid.checkpoint import init_random, make_checkpoint
     from reidbuild.fastreid.config import load_config
 

@@ -29,7 +29,7 @@ def _quiet_glog() -> None:
 
 def _import_caffe() -> Any:
     _quiet_glog()
-    import caffe  # type: ignore[import-not-found]
+    import caffe
 
     return caffe
 
@@ -47,12 +47,12 @@ def available(runtime: str = "auto") -> Optional[str]:
         try:
             caffe = _import_caffe()
             caffe.Net  # noqa: B018  (a half-installed package has no Net)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken pycaffe install fails in any way
             return _HOW["pycaffe"]
         return None
     try:
-        import cv2  # type: ignore[import-not-found]
-    except Exception:
+        import cv2
+    except Exception:  # noqa: BLE001 - a broken OpenCV install fails in any way
         return _HOW["opencv"]
     major = int(str(cv2.__version__).split(".")[0])
     if major >= 5 or not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
@@ -83,14 +83,13 @@ def _net_facts(prototxt: Path) -> tuple[tuple[int, ...], str, bool]:
         try:
             msg = schema.parse_prototxt(text, dialect)
             break
-        except Exception:
+        except Exception:  # noqa: BLE001 - protobuf text parse errors: try the next dialect
             continue
     if msg is None:  # a net using fields reidbuild does not write: read what is needed by pattern
         m = _INPUT_DIMS.search(text)
         if m is None:
             raise StageFailed(f"{prototxt.name}: no Input layer with a shape found")
-        shape = tuple(int(d) for d in re.findall(r"\d+", m.group(1)))
-        return shape, "", False
+        return tuple(int(d) for d in re.findall(r"\d+", m.group(1))), "", False
     shape: tuple[int, ...] = ()
     out_layer = ""
     agnostic = True
@@ -127,7 +126,6 @@ class CaffeRunner:
         self.input_shape, self.output_layer, self.batch_agnostic = _net_facts(self.prototxt)
         if len(self.input_shape) != 4:
             raise StageFailed(f"{self.prototxt.name}: input shape {list(self.input_shape)} is not [N, C, H, W]")
-        self._cv_batch = self.input_shape[0]
         if self.runtime == "pycaffe":
             caffe = _import_caffe()
             caffe.set_mode_cpu()
@@ -195,8 +193,8 @@ class CaffeRunner:
 def _pycaffe_field13() -> str:
     """"ceil_mode" (fork bool), "round_mode" (BVLC master enum) or "" (stock BVLC 1.0) for this pycaffe."""
     try:
-        from caffe.proto import caffe_pb2  # type: ignore[import-not-found]
-    except Exception:
+        from caffe.proto import caffe_pb2
+    except Exception:  # noqa: BLE001 - a broken pycaffe install fails in any way
         return ""
     f = caffe_pb2.PoolingParameter.DESCRIPTOR.fields_by_number.get(13)
     return f.name if f is not None else ""
@@ -210,9 +208,9 @@ def _precheck_pycaffe(prototxt: Path, caffemodel: Path, field13: str) -> None:
         raise StageFailed(f"{prototxt.name} uses the ceil_mode dialect but this pycaffe is {kind}: "
                           "run it with runtime opencv, or convert with dialect bvlc")
     try:
-        from caffe.proto import caffe_pb2  # type: ignore[import-not-found]
+        from caffe.proto import caffe_pb2
         from google.protobuf import text_format
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken pycaffe install fails in any way
         return
     try:
         text_format.Parse(text, caffe_pb2.NetParameter())
@@ -220,7 +218,7 @@ def _precheck_pycaffe(prototxt: Path, caffemodel: Path, field13: str) -> None:
         raise StageFailed(f"{prototxt.name}: this pycaffe cannot parse the prototxt: {exc}") from None
     try:
         caffe_pb2.NetParameter.FromString(caffemodel.read_bytes())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors, reported
         raise StageFailed(f"{caffemodel.name}: not a Caffe NetParameter: {str(exc).splitlines()[0]}") from None
 
 

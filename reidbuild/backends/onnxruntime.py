@@ -31,7 +31,7 @@ class OnnxRuntimeRunner:
         try:
             self.session = ort.InferenceSession(str(model_path), session_options(),
                                                 providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise StageFailed(f"{model_path}: onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
         self.path = Path(model_path)
         self.adapt = adapt or (lambda b: np.ascontiguousarray(b, dtype=np.float32))
@@ -43,7 +43,7 @@ class OnnxRuntimeRunner:
         feed = {self.input_name: self.adapt(batch)}
         try:
             (out,) = self.session.run([self.output_name], feed)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"{self.path.name}: onnxruntime failed: {str(exc).splitlines()[0]}") from None
         return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)
 
@@ -57,8 +57,8 @@ def adapt_input(batch: np.ndarray, elem_type: str, shape: list[Any]) -> np.ndarr
     """Feed a float32 RGB NCHW 0..255 batch to a graph by its declared input type (uint8 NHWC: BGR bytes)."""
     if elem_type == "tensor(uint8)":
         if len(shape) == 4 and shape[-1] == 3:
-            return np.ascontiguousarray(np.clip(np.rint(batch[:, ::-1].transpose(0, 2, 3, 1)), 0, 255).astype(np.uint8))
-        return np.clip(np.rint(batch), 0, 255).astype(np.uint8)
+            return np.ascontiguousarray(np.clip(np.rint(batch[:, ::-1].transpose(0, 2, 3, 1)), 0, 255), dtype=np.uint8)
+        return np.asarray(np.clip(np.rint(batch), 0, 255), dtype=np.uint8)
     if elem_type == "tensor(float16)":
         return batch.astype(np.float16)
     return np.ascontiguousarray(batch, dtype=np.float32)

@@ -12,8 +12,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from ..errors import StageFailed, Unavailable
-from ..tensorrt.build import available
-from ..tensorrt.env import _ok, engine_env, import_cudart, import_tensorrt
+from ..tensorrt.env import available, cuda_result, engine_env, import_cudart, import_tensorrt
 
 __all__ = ["TensorRTRunner", "available"]
 
@@ -32,7 +31,7 @@ class TensorRTRunner:
         self.device = device
         self.adapt = adapt  # standard float32 NCHW batch -> what the engine's input takes (graph patches)
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
-        self.stream = None
+        self.stream: Any = None  # a cudaStream_t once the engine is loaded
         data = engine if isinstance(engine, bytes) else Path(engine).read_bytes()
         self.path = None if isinstance(engine, bytes) else Path(engine)
         self._call(self.cudart.cudaSetDevice(device), "cudaSetDevice")
@@ -78,7 +77,7 @@ class TensorRTRunner:
     # -------------------------------------------------------------------------------------- helpers
     def _call(self, result: Any, what: str) -> Any:
         try:
-            return _ok(self.cudart, result, what)
+            return cuda_result(result, what)
         except RuntimeError as exc:
             raise StageFailed(f"CUDA: {exc}") from None
 
@@ -134,7 +133,7 @@ class TensorRTRunner:
     def describe(self) -> dict[str, Any]:
         try:
             env = engine_env(self.trt, self.cudart, self.device)
-        except Exception:  # describe() must not fail a parity record
+        except Exception:  # noqa: BLE001 - describe() must not fail a parity record
             env = {"tensorrt": str(getattr(self.trt, "__version__", "?"))}
         return {"runtime": "tensorrt", "version": env.get("tensorrt"), "device": env.get("gpu", "cuda"),
                 "environment": env, "max_batch": self.max_batch}

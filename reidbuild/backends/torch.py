@@ -19,7 +19,8 @@ class TorchRunner:
         # would change the caller's batch before other backends see it
         with torch.inference_mode():
             out = self.model(torch.from_numpy(np.array(batch, dtype=np.float32, copy=True)))
-        return out.detach().cpu().numpy().astype(np.float32)
+        features: np.ndarray = out.detach().cpu().numpy().astype(np.float32)
+        return features
 
     def describe(self) -> dict[str, Any]:
         import torch

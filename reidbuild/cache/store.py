@@ -7,6 +7,7 @@ name is never used: the stage is built locally and the problem is reported.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import uuid
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ class Store:
         out: dict[str, bytes] = {}
         for fname, digest in sorted(files.items()):
             try:
-                data = self._call("downloading a blob", lambda d=digest: self.fs.cat_file(self.blob_path(d)), emit)
+                data = self._call("downloading a blob", functools.partial(self.fs.cat_file, self.blob_path(digest)), emit)
             except FileNotFoundError:
                 self._problem(f"cache: blob {digest[:12]} of {what}/{fname} is missing; building locally", emit)
                 return None
@@ -269,10 +270,10 @@ class Store:
         """
         now = now or _dt.datetime.now(_dt.timezone.utc)
         cutoff = now - _dt.timedelta(days=keep_days)
-        removed_entries, keep = 0, set()
+        removed_entries, keep = 0, set[str]()
         for e in list(self.entries()):
             if e.modified < cutoff:
-                self._call("removing an entry", lambda k=e.key: self.fs.rm(self.entry_path(k)), None)
+                self._call("removing an entry", functools.partial(self.fs.rm, self.entry_path(e.key)), None)
                 removed_entries += 1
             else:
                 keep.update(f["sha256"] for f in e.files.values() if isinstance(f, dict))
@@ -281,7 +282,7 @@ class Store:
             name = path.rsplit("/", 1)[1]
             if name in keep or _modified(info) > now - grace:
                 continue
-            self._call("removing a blob", lambda p=path: self.fs.rm(p), None)
+            self._call("removing a blob", functools.partial(self.fs.rm, path), None)
             removed_blobs += 1
             freed += int(info.get("size") or 0)
         return removed_entries, removed_blobs, freed

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import NotExpressible, StageFailed
 from . import schema
 
-from . import CONVERTER_VERSION  # noqa: E402,F401 - re-exported
+from . import CONVERTER_VERSION  # noqa: F401 - re-exported
 
 # ------------------------------------------------------------------------------------------ the Caffe net
 
@@ -143,7 +143,7 @@ def _fold(node: Any, inputs: list[Optional[np.ndarray]], opset: int) -> list[np.
     feeds = {n: v for n, v in zip(names, inputs) if n}
     try:
         return list(ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds))
-    except Exception as exc:  # the evaluator raises whatever the op raises
+    except Exception as exc:  # noqa: BLE001 - the evaluator raises whatever the op raises
         raise StageFailed(f"cannot fold constant node {node.name or node.op_type} ({node.op_type}): "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 

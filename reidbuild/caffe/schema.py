@@ -301,7 +301,7 @@ def net_to_text(msg: Any) -> str:
 
 def net_to_binary(msg: Any) -> bytes:
     """Deterministic binary serialization (for the ``.caffemodel``)."""
-    return msg.SerializeToString(deterministic=True)
+    return bytes(msg.SerializeToString(deterministic=True))
 
 
 def _varint(n: int) -> bytes:

@@ -10,10 +10,10 @@ from importlib import import_module
 from typing import Any
 
 _WHERE = {
-    "Baseline": "baseline", "build_model": "registry", "supported": "baseline",
+    "Baseline": "baseline", "build_model": "registry", "supported": "config",
     "init_random": "checkpoint", "is_training_only": "checkpoint", "load_weights": "checkpoint",
     "make_checkpoint": "checkpoint",
-    "check_supported": "config", "defaults": "config", "load_config": "config",
+    "check_supported": "config", "load_config": "config",
 }
 __all__ = sorted(_WHERE)
 

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from . import head
-from .config import supported as _supported
 from .head import EmbeddingHead
 
 
 class Baseline(nn.Module):
     """Backbone + EmbeddingHead; float32 [N, 3, H, W] RGB in 0..255 -> float32 [N, D] features."""
+
+    pixel_mean: torch.Tensor  # buffers registered in __init__
+    pixel_std: torch.Tensor
 
     def __init__(self, backbone: nn.Module, heads: EmbeddingHead, pixel_mean: list[float],
                  pixel_std: list[float], num_classes: int = 0) -> None:
@@ -47,15 +49,3 @@ def build(cfg: dict[str, Any], build_backbone: Callable[[dict[str, Any]], nn.Mod
     model_cfg = cfg["MODEL"]
     return Baseline(build_backbone(cfg), head.build(cfg), model_cfg["PIXEL_MEAN"], model_cfg["PIXEL_STD"],
                     model_cfg["HEADS"]["NUM_CLASSES"])
-
-
-def build_model(cfg: dict[str, Any]) -> nn.Module:
-    """Any supported architecture (kept here for callers of ``reidbuild.fastreid.baseline.build_model``)."""
-    from .registry import build_model as build_any
-
-    return build_any(cfg)
-
-
-def supported() -> dict[str, list[str]]:
-    """The config values reidbuild can build (key -> allowed values)."""
-    return _supported()

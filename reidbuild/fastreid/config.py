@@ -18,8 +18,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
 from .catalog import (
     BACKBONES,
@@ -111,11 +109,6 @@ _SCALARS = (str, int, float, bool, type(None))
 _MAX_NODES = 100_000  # values per file; YAML aliases can otherwise expand exponentially
 
 
-def defaults() -> dict[str, Any]:
-    """A fresh copy of the defaults reidbuild fills in (fast-reid's values, tuples as lists)."""
-    return plain(copy.deepcopy(_DEFAULTS))
-
-
 def supported() -> dict[str, list[str]]:
     """What a config may select; used in error messages and by ``reidbuild`` to describe itself."""
     return {
@@ -147,9 +140,9 @@ def load_config(path: Path, opts: dict[str, Any] | None = None) -> dict[str, Any
     _merge(tree, cfg, (), origins, str(path))
     for dotted, value in (opts or {}).items():
         _apply_opt(cfg, dotted, value, path)
-    cfg = plain(cfg)
-    check_supported(cfg, where=str(path))
-    return cfg
+    out: dict[str, Any] = plain(cfg)
+    check_supported(out, where=str(path))
+    return out
 
 
 def check_supported(cfg: dict[str, Any], where: str = "config") -> None:
@@ -343,22 +336,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
     data = yamlio.load_mapping(path, "fast-reid config", ConfigError, "MODEL, INPUT, ...").data
     try:
-        _check_yacs_types(data, (), str(path))
+        _check_values(data, (), str(path))
     except RecursionError:
         raise ConfigError(f"{path}: YAML is nested too deeply") from None
-    return data
-
-
-def _mark(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    return f":{mark.line + 1}" if mark is not None else ""
+    mapping: dict[str, Any] = data
+    return mapping
 
 
 def _first_line(text: Any) -> str:
     return str(text).strip().splitlines()[0] if str(text).strip() else "unknown problem"
 
 
-def _check_yacs_types(node: Any, keys: tuple[str, ...], where: str,
+def _check_values(node: Any, keys: tuple[str, ...], where: str,
                  _path: tuple[int, ...] = (), _budget: list[int] | None = None) -> None:
     """Only the value types yacs accepts (plus mappings/lists of them) may appear.
 
@@ -377,10 +366,10 @@ def _check_yacs_types(node: Any, keys: tuple[str, ...], where: str,
         for key, value in node.items():
             if not isinstance(key, str):
                 raise ConfigError(f"{where}: key {key!r} under {_dotted(keys) or 'the top level'} must be a string")
-            _check_yacs_types(value, (*keys, key), where, _path, budget)
+            _check_values(value, (*keys, key), where, _path, budget)
     elif isinstance(node, (list, tuple)):
         for item in node:
-            _check_yacs_types(item, keys, where, _path, budget)
+            _check_values(item, keys, where, _path, budget)
     elif not isinstance(node, _SCALARS):
         raise ConfigError(
             f"{where}: {_dotted(keys)} has a {type(node).__name__} value; fast-reid configs hold only "
@@ -449,7 +438,7 @@ def _apply_opt(cfg: dict[str, Any], dotted: Any, raw: Any, path: Path) -> None:
     parts = dotted.split(".")
     if BASE_KEY in parts:
         raise ConfigError(f"{where}: {BASE_KEY} can only be used in config files")
-    _check_yacs_types(raw, tuple(parts), where)
+    _check_values(raw, tuple(parts), where)
     node = cfg
     for depth, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
@@ -520,7 +509,8 @@ def _section(cfg: Any, keys: tuple[str, ...], where: str) -> dict[str, Any]:
         node = node.get(keys[depth]) if isinstance(node, dict) else None
         if not isinstance(node, dict):
             raise ConfigError(f"{where}: section {_dotted(keys[: depth + 1])} is missing or not a mapping")
-    return node
+    section: dict[str, Any] = node
+    return section
 
 
 def _dotted(keys: tuple[str, ...]) -> str:

@@ -34,13 +34,13 @@ class IBN(nn.Module):
 
     def __init__(self, planes: int, norm: str) -> None:
         super().__init__()
-        self.half = int(planes / 2)
-        self.IN = nn.InstanceNorm2d(self.half, affine=True)
-        self.BN = make_norm(norm, planes - self.half)
+        self.split = int(planes / 2)  # not ``half``: that would hide nn.Module.half()
+        self.IN = nn.InstanceNorm2d(self.split, affine=True)
+        self.BN = make_norm(norm, planes - self.split)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.IN(x[:, : self.half].contiguous())  # contiguous like fast-reid: same float rounding
-        second = self.BN(x[:, self.half :].contiguous())
+        first = self.IN(x[:, : self.split].contiguous())  # contiguous like fast-reid: same float rounding
+        second = self.BN(x[:, self.split :].contiguous())
         return torch.cat((first, second), dim=1)
 
 

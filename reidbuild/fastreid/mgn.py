@@ -37,12 +37,18 @@ def _part_conv5(norm: str, with_se: bool) -> nn.Sequential:
 class MGN(nn.Module):
     """float32 [N, 3, H, W] RGB 0..255 -> float32 [N, 8 * D] (D: one head's width)."""
 
+    pixel_mean: torch.Tensor  # buffers registered in __init__
+    pixel_std: torch.Tensor
+    b1: nn.Sequential  # the branches, registered in fast-reid's order in __init__
+    b2: nn.Sequential
+    b3: nn.Sequential
+
     def __init__(self, resnet: ResNet, make_head: Callable[[], nn.Module], norm: str, with_se: bool,
                  pixel_mean: list[float], pixel_std: list[float], num_classes: int = 0) -> None:
         super().__init__()
         self.backbone = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                                       resnet.layer1, resnet.layer2, resnet.layer3[0])
-        conv4 = nn.Sequential(*resnet.layer3[1:])
+        conv4 = nn.Sequential(*list(resnet.layer3)[1:])
         conv5 = {"b1": resnet.layer4, "b2": _part_conv5(norm, with_se), "b3": _part_conv5(norm, with_se)}
         for branch in ("b1", "b2", "b3"):  # registration order = fast-reid's state_dict order
             self.add_module(branch, nn.Sequential(copy.deepcopy(conv4), conv5[branch]))
@@ -75,5 +81,7 @@ def build(cfg: dict[str, Any], build_backbone: Callable[[dict[str, Any]], nn.Mod
     plain = copy.deepcopy(cfg)
     plain["MODEL"]["BACKBONE"]["WITH_NL"] = False
     resnet = build_backbone(plain)
+    if not isinstance(resnet, ResNet):  # the config check admits only ResNet backbones for MGN
+        raise TypeError(f"MGN needs a ResNet backbone, got {type(resnet).__name__}")
     return MGN(resnet, lambda: head.build(cfg), bb["NORM"], bb["WITH_SE"], model_cfg["PIXEL_MEAN"],
                model_cfg["PIXEL_STD"], model_cfg["HEADS"]["NUM_CLASSES"])

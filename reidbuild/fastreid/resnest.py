@@ -90,6 +90,12 @@ class Bottleneck(nn.Module):
 class ResNeSt(nn.Module):
     """ResNeSt-50/101/200/269 as fast-reid configures it; returns [N, 2048, H/16, W/16] (LAST_STRIDE 1)."""
 
+    # the stages, registered by name in __init__ (state_dict order is fast-reid's)
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, depth: str, last_stride: int, norm: str) -> None:
         super().__init__()
         spec = RESNEST_DEPTHS[depth]

@@ -73,6 +73,12 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ResNet with fast-reid's options; returns the last feature map [N, FEAT_DIM, H/16, W/16]."""
 
+    # the stages, registered by name in __init__ (state_dict order is fast-reid's)
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, depth: str, last_stride: int, norm: str, with_ibn: bool,
                  with_se: bool, with_nl: bool) -> None:
         super().__init__()

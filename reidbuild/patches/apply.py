@@ -36,7 +36,7 @@ def load_onnx(data: bytes, what: str) -> Any:
 
     try:
         return onnx.load_from_string(data)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: not a readable ONNX model: {str(exc).splitlines()[0] if str(exc) else exc}") from None
 
 
@@ -104,14 +104,14 @@ def apply_caffe(prototxt: str, caffemodel: Optional[bytes], patches: Sequence[sp
     s = caffe_ops.schema()
     try:
         net = s.parse_prototxt(prototxt, dialect)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: cannot read the prototxt with the {dialect} schema: "
                           f"{str(exc).splitlines()[0]}") from None
     weights = None
     if caffemodel is not None:
         try:
             weights = s.parse_caffemodel(caffemodel, dialect)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"{what}: cannot read the caffemodel: {str(exc).splitlines()[0]}") from None
     weighted = {la.name for la in weights.layer if len(la.blobs)} if weights is not None else set()
     by_name = {la.name: la for la in weights.layer} if weights is not None else {}

@@ -857,7 +857,7 @@ def _same_shape(want: tuple[int, ...], have: tuple[int, ...], has_shape: bool) -
     """
     if has_shape:
         return tuple(want) == tuple(have)
-    pad = lambda t: (1,) * (4 - len(t)) + tuple(t) if len(t) <= 4 else tuple(t)  # noqa: E731
+    pad = lambda t: (1,) * (4 - len(t)) + tuple(t) if len(t) <= 4 else tuple(t)
     return pad(want) == pad(have)
 
 
@@ -879,7 +879,7 @@ def check_net(cn: CaffeNet, what: str, input_shape: Optional[tuple[int, ...]],
     for d in (cn.dialect,) + tuple(extra_dialects):
         try:
             s.parse_prototxt(text, d)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"{what}: the patched prototxt does not parse with the {d} schema: "
                               f"{str(exc).splitlines()[0]}") from None
     seen: set[str] = set()

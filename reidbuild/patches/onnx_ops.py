@@ -77,7 +77,7 @@ class OnnxGraph:
     def opset(self, domain: str = "") -> int:
         for o in self.model.opset_import:
             if o.domain in (domain, "ai.onnx" if domain == "" else domain):
-                return o.version
+                return int(o.version)
         return 0
 
     def index(self, node: Any) -> int:
@@ -457,7 +457,7 @@ def _refresh_value_info(g: OnnxGraph) -> None:
     g.commit()
     try:
         inferred = onnx.shape_inference.infer_shapes(g.model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the graph check reports the problem
         return  # the graph check reports the problem
     by_name = {v.name: v for v in inferred.graph.value_info}
     g.graph.value_info.extend(by_name[n] for n in had if n in by_name)
@@ -470,7 +470,7 @@ def _float_output(g: OnnxGraph, ctx: _OpCtx, v: Any) -> int:
     if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                     onnx.TensorProto.BFLOAT16):
         raise ctx.fail(f"graph output {v.name!r} is not a float tensor")
-    return elem
+    return int(elem)
 
 
 def _unique(g: OnnxGraph, base: str) -> str:
@@ -618,7 +618,7 @@ def _tidy(g: OnnxGraph) -> None:
         return
     try:
         inferred = onnx.shape_inference.infer_shapes(g.model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the graph check reports the problem
         return
     by_name = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
     for v in g.graph.output:
@@ -657,11 +657,11 @@ def check_model(model: Any, input_shape: tuple[int, int, int, int], what: str,
     data = model.SerializeToString()
     try:
         onnx.checker.check_model(data)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: the ONNX checker rejects the patched graph: {_first_line(exc)}") from None
     try:
         onnx.shape_inference.infer_shapes(data, check_type=True, strict_mode=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: shape inference fails on the patched graph: {_first_line(exc)}") from None
     probe = _probe(images, input_shape)
     sess = selfcheck.open_session(data, f"{what}: the patched graph")
@@ -753,7 +753,7 @@ def _attr_text(a: Any) -> str:
             from onnx import numpy_helper
 
             arr = numpy_helper.to_array(t)
-        except Exception:
+        except Exception:  # noqa: BLE001 - not a constant numpy can read: shown without values
             pass
         if arr is not None and arr.size <= 8:
             return f"{a.name}=tensor({arr.tolist()})"

@@ -47,7 +47,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _file_name(v: str, what: str) -> str:
+def _simple_name(v: str, what: str) -> str:
     if not v or len(v) > 200 or any(c in v for c in "\x00\n\r\"'\\"):
         raise ValueError(f"{what} must be 1..200 characters without quotes, backslashes or line breaks")
     return v
@@ -56,12 +56,12 @@ def _file_name(v: str, what: str) -> str:
 class Selector(_Strict):
     """Picks nodes (ONNX) or layers (Caffe); every given key must hold (AND)."""
 
-    name: Optional[str] = Field(None, description="Exact node/layer name.")
-    type: Optional[str] = Field(None, description="ONNX op_type or Caffe layer type, e.g. Conv, Pooling.")
-    regex: Optional[str] = Field(None, description="Python regex that must match the whole name.")
-    producer_of: Optional[str] = Field(None, description="The node/layer writing this tensor/blob.")
-    consumer_of: Optional[str] = Field(None, description="Nodes/layers reading this tensor/blob.")
-    last: Optional[Literal[True]] = Field(None, description="The node/layer producing a graph output.")
+    name: Optional[str] = Field(default=None, description="Exact node/layer name.")
+    type: Optional[str] = Field(default=None, description="ONNX op_type or Caffe layer type, e.g. Conv, Pooling.")
+    regex: Optional[str] = Field(default=None, description="Python regex that must match the whole name.")
+    producer_of: Optional[str] = Field(default=None, description="The node/layer writing this tensor/blob.")
+    consumer_of: Optional[str] = Field(default=None, description="Nodes/layers reading this tensor/blob.")
+    last: Optional[Literal[True]] = Field(default=None, description="The node/layer producing a graph output.")
 
     @field_validator("regex")
     @classmethod
@@ -107,7 +107,7 @@ class RenameTensor(_Op):
     def _one_of(self) -> "RenameTensor":
         if (self.select is None) == (self.tensor is None):
             raise ValueError("rename_tensor needs exactly one of select (the producing node) or tensor (a name)")
-        _file_name(self.to, "to")
+        _simple_name(self.to, "to")
         return self
 
 
@@ -119,7 +119,7 @@ class RenameNode(_Op):
     @field_validator("to")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _file_name(v, "to")
+        return _simple_name(v, "to")
 
 
 class RemoveNode(_Op):
@@ -167,12 +167,13 @@ class NewNode(_Strict):
     @field_validator("name", "output")
     @classmethod
     def _names(cls, v: Optional[str]) -> Optional[str]:
-        return v if v is None else _file_name(v, "name")
+        return v if v is None else _simple_name(v, "name")
 
     @field_validator("attributes", "params")
     @classmethod
     def _values(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_value(v)
+        checked: dict[str, Any] = _check_value(v)
+        return checked
 
 
 class InsertNode(_Op):

@@ -116,7 +116,7 @@ def convert_fp16(model_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
 
     try:
         model = onnx.load_from_string(model_bytes)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"fp16: cannot read the source ONNX: {str(exc).splitlines()[0]}") from None
     ensure_node_names(model)
     constants_to_initializers(model)
@@ -129,7 +129,7 @@ def convert_fp16(model_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
             warnings.simplefilter("ignore")  # one warning per clamped constant: counted above instead
             converted = float16.convert_float_to_float16(
                 model, keep_io_types=True, op_block_list=op_block, node_block_list=keep_nodes)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"fp16: onnxconverter-common failed: {str(exc).splitlines()[0]}") from None
     repaired = repair_outputs(converted)
     bad_io = [v.name for v in list(converted.graph.input) + list(converted.graph.output)
@@ -138,7 +138,7 @@ def convert_fp16(model_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
         raise StageFailed(f"fp16: the converter left float16 graph inputs/outputs {bad_io}; expected float32 I/O")
     try:
         onnx.checker.check_model(converted)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"fp16: the converted model does not pass the ONNX checker: {str(exc).splitlines()[0]}") from None
     data = converted.SerializeToString(deterministic=True)
     kept = [n for n in converted.graph.node if n.op_type != "Cast" and

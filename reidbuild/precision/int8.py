@@ -29,6 +29,7 @@ import hashlib
 import io
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -127,8 +128,8 @@ def entropy_threshold(histogram: Any, num_quantized_bins: int) -> tuple[Any, Any
 def _entropy_collector(num_bins: int, num_quantized_bins: int) -> Any:
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    class _FastEntropyCollector(HistogramCollector):
-        def get_entropy_threshold(self, histogram, num_quantized_bins):  # noqa: ANN001, ANN201
+    class _FastEntropyCollector(HistogramCollector):  # type: ignore[misc]  # onnxruntime is untyped
+        def get_entropy_threshold(self, histogram: Any, num_quantized_bins: int) -> Any:
             return entropy_threshold(histogram, num_quantized_bins)
 
     return _FastEntropyCollector(method="entropy", symmetric=True, num_bins=num_bins,
@@ -220,13 +221,9 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
     """
     import inspect
 
-    import numpy as np
     import onnx
     import onnxruntime
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
-    from ..backends.onnxruntime import adapt_input
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
         raise StageFailed(f"int8: unknown calibration method {method!r} (expected one of {', '.join(METHODS)})")
@@ -237,35 +234,7 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
                           "calibration_cache_path (onnxruntime >= 1.30 is known to work)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        model = onnx.load_from_string(model_bytes)
-    except Exception as exc:
-        raise StageFailed(f"int8: cannot read the source ONNX: {str(exc).splitlines()[0]}") from None
-    ensure_node_names(model)
-    _prologue, epilogue = prologue_epilogue(model)
-    stem = [n for n in first_block(model) if n not in set(epilogue)] if float_stem else []
-    in_name, elem, shape = graph_input(model)
-    in_type = {onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.UINT8: "tensor(uint8)",
-               onnx.TensorProto.FLOAT16: "tensor(float16)"}.get(elem, "tensor(float)")
-    batch = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else 1
-    if len(images) < batch:
-        raise StageFailed(f"int8: the graph has a static batch of {batch} but only {len(images)} calibration images")
-    src = workdir / "source.onnx"
-    src.write_bytes(model.SerializeToString(deterministic=True))
-    present = {n.op_type for n in model.graph.node}
-    ops = [op for op in QUANT_OPS if op in present]
-    if not ops:
-        raise StageFailed(f"int8: the graph has none of {', '.join(QUANT_OPS)}: nothing to quantise")
-    cal_method = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
-                  "minmax": CalibrationMethod.MinMax}[method]
-    cal_opts: dict[str, Any] = {"symmetric": True}
-    if method == "entropy":
-        cal_opts.update(num_bins=ENTROPY_BINS, num_quantized_bins=ENTROPY_QUANT_BINS)
-    elif method == "percentile":
-        cal_opts.update(num_bins=PERCENTILE_BINS, percentile=float(percentile))
-    if adapt is None:  # no graph-patch knowledge given: infer the feed from the input's declared type
-        adapt = lambda b: adapt_input(b, in_type, shape)  # noqa: E731
-    ranges_path = workdir / "ranges.json"
+    src = _prepare(model_bytes, len(images), workdir, float_stem)
     out_path = workdir / "int8.onnx"
     quiet = io.StringIO()
     ort_logger = logging.getLogger()
@@ -273,39 +242,19 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
     try:
         ort_logger.setLevel(logging.ERROR)  # "please run pre-processing" etc.; failures still raise
         with contextlib.redirect_stdout(quiet):
-            calibrator = create_calibrator(src, ops, augmented_model_path=str(workdir / "augmented.onnx"),
-                                           calibrate_method=cal_method, extra_options=cal_opts)
-            if method == "entropy":
-                calibrator.collector = _entropy_collector(ENTROPY_BINS, ENTROPY_QUANT_BINS)
-            step = max(CHUNK // batch, 1) * batch
-            calib_hash = hashlib.sha256()
-            used = 0
-            for start in range(0, len(images), step):
-                chunk = np.ascontiguousarray(images[start:start + step], dtype=np.float32)
-                reader = _Reader(in_name, chunk, batch, adapt)
-                if len(reader):
-                    calibrator.collect_data(reader)
-                    kept = chunk[: len(reader) * batch]
-                    calib_hash.update(kept.tobytes())
-                    used += len(kept)
-                if progress is not None:  # calibration is the long part: images done of all
-                    progress(min(start + step, len(images)), len(images))
-            tensors_range = calibrator.compute_data()
-            del calibrator
-            n_ranges = _snap_ranges(tensors_range)
-            save_tensors_data(tensors_range, ranges_path)
+            cal = _calibrate(src, images, method, percentile, workdir, adapt, progress)
             quantize_static(
-                str(src), str(out_path), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=ops,
+                str(src.path), str(out_path), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=src.ops,
                 per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
                 activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8,
-                nodes_to_exclude=list(epilogue) + stem, calibrate_method=cal_method,
+                nodes_to_exclude=src.keep_float, calibrate_method=_calibration_method(method),
                 # biases stay float: TensorRT dequantises int8/fp8/int4/fp4, not the int32 bias onnxruntime writes
                 extra_options={"ActivationSymmetric": not cpu, "WeightSymmetric": True,
                                "QuantizeBias": quantize_bias or cpu},
-                calibration_cache_path=str(ranges_path))
+                calibration_cache_path=str(cal.ranges_path))
     except StageFailed:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"int8: onnxruntime quantisation failed: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
@@ -316,9 +265,114 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
     data = qmodel.SerializeToString(deterministic=True)
     if str(workdir).encode() in data:
         raise StageFailed("int8: the quantised graph mentions the scratch folder; refusing a non-reproducible artifact")
+    return data, _record(qmodel, src, cal, method, percentile, cpu=cpu, quantize_bias=quantize_bias)
+
+
+def _calibration_method(method: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
+            "minmax": CalibrationMethod.MinMax}[method]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The float32 graph as quantisation sees it: written to ``path``, with its input and what stays float."""
+    path: Path
+    in_name: str
+    in_type: str
+    shape: list[Any]
+    batch: int
+    ops: list[str]
+    keep_float: list[str]  # the epilogue's nodes, then the stem's
+    stem: int
+
+
+def _prepare(model_bytes: bytes, n_images: int, workdir: Path, float_stem: bool) -> _Source:
+    """Read and name the source graph, find what stays float and which ops to quantise; write it for onnxruntime."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(model_bytes)
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
+        raise StageFailed(f"int8: cannot read the source ONNX: {str(exc).splitlines()[0]}") from None
+    ensure_node_names(model)
+    _prologue, epilogue = prologue_epilogue(model)
+    stem = [n for n in first_block(model) if n not in set(epilogue)] if float_stem else []
+    in_name, elem, shape = graph_input(model)
+    in_types: dict[int, str] = {onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.UINT8: "tensor(uint8)",
+                                onnx.TensorProto.FLOAT16: "tensor(float16)"}
+    batch = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else 1
+    if n_images < batch:
+        raise StageFailed(f"int8: the graph has a static batch of {batch} but only {n_images} calibration images")
+    src = workdir / "source.onnx"
+    src.write_bytes(model.SerializeToString(deterministic=True))
+    present = {n.op_type for n in model.graph.node}
+    ops = [op for op in QUANT_OPS if op in present]
+    if not ops:
+        raise StageFailed(f"int8: the graph has none of {', '.join(QUANT_OPS)}: nothing to quantise")
+    return _Source(src, in_name, in_types.get(elem, "tensor(float)"), shape, batch, ops, list(epilogue) + stem,
+                   len(stem))
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    ranges_path: Path  # the snapped ranges, quantize_static's calibration cache
+    used: int  # images calibrated on
+    sha256: str  # of the preprocessed float32 tensors actually used
+    ranges: int
+
+
+def _calibrate(src: _Source, images: Any, method: str, percentile: float, workdir: Path,
+               adapt: Optional[Callable[[np.ndarray], np.ndarray]],
+               progress: Optional[Callable[[int, int], None]]) -> _Calibration:
+    """Collect activation ranges over the images, CHUNK at a time, and write them rounded outward."""
+    import numpy as np
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    from ..backends.onnxruntime import adapt_input
+
+    cal_opts: dict[str, Any] = {"symmetric": True}
+    if method == "entropy":
+        cal_opts.update(num_bins=ENTROPY_BINS, num_quantized_bins=ENTROPY_QUANT_BINS)
+    elif method == "percentile":
+        cal_opts.update(num_bins=PERCENTILE_BINS, percentile=float(percentile))
+    if adapt is None:  # no graph-patch knowledge given: infer the feed from the input's declared type
+        adapt = lambda b: adapt_input(b, src.in_type, src.shape)
+    calibrator = create_calibrator(src.path, src.ops, augmented_model_path=str(workdir / "augmented.onnx"),
+                                   calibrate_method=_calibration_method(method), extra_options=cal_opts)
+    if method == "entropy":
+        calibrator.collector = _entropy_collector(ENTROPY_BINS, ENTROPY_QUANT_BINS)
+    batch = src.batch
+    step = max(CHUNK // batch, 1) * batch
+    calib_hash = hashlib.sha256()
+    used = 0
+    for start in range(0, len(images), step):
+        chunk = np.ascontiguousarray(images[start:start + step], dtype=np.float32)
+        reader = _Reader(src.in_name, chunk, batch, adapt)
+        if len(reader):
+            calibrator.collect_data(reader)
+            kept = chunk[: len(reader) * batch]
+            calib_hash.update(kept.tobytes())
+            used += len(kept)
+        if progress is not None:  # calibration is the long part: images done of all
+            progress(min(start + step, len(images)), len(images))
+    tensors_range = calibrator.compute_data()
+    del calibrator
+    n_ranges = _snap_ranges(tensors_range)
+    ranges_path = workdir / "ranges.json"
+    save_tensors_data(tensors_range, ranges_path)
+    return _Calibration(ranges_path, used, calib_hash.hexdigest(), n_ranges)
+
+
+def _record(qmodel: Any, src: _Source, cal: _Calibration, method: str, percentile: float, *, cpu: bool,
+            quantize_bias: bool) -> dict[str, Any]:
+    """What the lock records about an int8 graph: recipe, placement, calibration and the resulting scales."""
+    import onnxruntime
+
     digest, counts = scales_digest(qmodel)
     ops_after = op_counts(qmodel)
-    record: dict[str, Any] = {
+    return {
         "quantizer": "onnxruntime.quantization.quantize_static",
         "onnxruntime": onnxruntime.__version__,
         "recipe": RECIPE,
@@ -326,17 +380,17 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
         "activations": "uint8 asymmetric per-tensor (CPU only)" if cpu else "int8 symmetric per-tensor",
         "weights": "int8 symmetric per-channel",
         "bias": "int32 (CPU only)" if quantize_bias or cpu else "float (not quantised)",
-        "op_types_quantized": ops,
-        "kept_float_nodes": len(epilogue) + len(stem),
-        "kept_float_stem": len(stem),
+        "op_types_quantized": src.ops,
+        "kept_float_nodes": len(src.keep_float),
+        "kept_float_stem": src.stem,
         "calibration": {
             "method": method,
             **({"percentile": float(percentile)} if method == "percentile" else {}),
             **({"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANT_BINS} if method == "entropy" else {}),
             **({"num_bins": PERCENTILE_BINS} if method == "percentile" else {}),
-            "images": used,
-            "images_sha256": calib_hash.hexdigest(),  # of the preprocessed float32 tensors actually used
-            "ranges": n_ranges,
+            "images": cal.used,
+            "images_sha256": cal.sha256,  # of the preprocessed float32 tensors actually used
+            "ranges": cal.ranges,
             "range_rounding": f"outward to {RANGE_BITS} significant bits",
         },
         "scales_sha256": digest,
@@ -344,4 +398,3 @@ def quantize_int8(model_bytes: bytes, images: Any, *, method: str = "entropy", p
         "quantize_linear": ops_after.get("QuantizeLinear", 0),
         "dequantize_linear": ops_after.get("DequantizeLinear", 0),
     }
-    return data, record

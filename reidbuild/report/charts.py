@@ -10,9 +10,14 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from matplotlib.figure import Figure
 
 FLOOR = 1e-12  # where an exact zero error is drawn on a log axis
 
@@ -34,7 +39,7 @@ def configure(scratch: Path) -> None:
             os.environ["MPLCONFIGDIR"] = old
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -44,7 +49,7 @@ def _pyplot():
     return plt
 
 
-def _uri(fig) -> str:  # noqa: ANN001 - a matplotlib Figure
+def _uri(fig: Figure) -> str:
     plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})

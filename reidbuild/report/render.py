@@ -60,9 +60,10 @@ def embedded_data(text: str) -> Optional[dict[str, Any]]:
     start = text.index(">", start) + 1
     end = text.find("</script>", start)
     try:
-        return json.loads(text[start:end].replace("<\\/", "</"))
+        data = json.loads(text[start:end].replace("<\\/", "</"))
     except ValueError:
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _e(x: Any) -> str:

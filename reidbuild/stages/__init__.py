@@ -23,5 +23,6 @@ def probe_for(ctx: "StageContext", inp: "Input", paths: Optional[Sequence[Path]]
     """The self-check images of this run (the first parity images, or person-like ones), loaded once."""
     from ..probe import probe_images
 
-    return ctx.cached("self_check_probe", lambda: probe_images(inp.height, inp.width, inp.color, inp.interpolation,
-                                                               paths))
+    probe: Probe = ctx.cached("self_check_probe", lambda: probe_images(inp.height, inp.width, inp.color,
+                                                                       inp.interpolation, paths))
+    return probe

@@ -29,7 +29,7 @@ def caffe_stage(target: CaffeTarget, input_hw: tuple[int, int], source: Artifact
             model = onnx.load(str(path))  # parsed from the file: no bytes copy held next to the model
         except FileNotFoundError:
             raise StageFailed(f"{source.file}: the ONNX artifact is missing (stage {source.stage})") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"{source.file}: not a readable ONNX model: {str(exc).splitlines()[0]}") from None
         ctx.log(f"converting {source.file} to Caffe ({target.dialect} dialect, input {list(shape)})")
         conv = convert_detailed(model, target.dialect, shape, name=name)

@@ -34,10 +34,10 @@ def export_onnx(model: Any, height: int, width: int, opset: int, dynamic_batch: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model.eval(), (torch.zeros(1, 3, height, width),), buf, dynamo=False,
-                              opset_version=opset, input_names=["input"], output_names=["output"],
+            torch.onnx.export(model.eval(), (torch.zeros(1, 3, height, width),), buf,  # type: ignore[arg-type]
+                              dynamo=False, opset_version=opset, input_names=["input"], output_names=["output"],
                               dynamic_axes=dynamic, do_constant_folding=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
     data = buf.getvalue()
     buf.close()  # one copy of the model's bytes, not two
@@ -57,7 +57,7 @@ def check_model(data: bytes, probe: Probe, what: str) -> np.ndarray:
 
     try:
         onnx.checker.check_model(data, full_check=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: the ONNX checker rejects the model: {str(exc).splitlines()[0]}") from None
     return selfcheck.features(data, probe.images, what)
 
@@ -143,7 +143,7 @@ def simplify_stage(lm: LoadedManifest, source: ArtifactRef, out_file: str,
         del raw  # parsed: the bytes are not needed while the simplifier holds its own copies
         try:
             simplified, ok = onnxsim.simplify(model)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"onnx-simplifier failed on {source.file}: {str(exc).splitlines()[0]}") from None
         if not ok:
             raise StageFailed(f"onnx-simplifier could not validate its result for {source.file}")

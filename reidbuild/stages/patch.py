@@ -8,7 +8,7 @@ stage and what follows it, never what comes before.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from ..errors import PatchError
 from ..manifest import Input
@@ -78,8 +78,8 @@ def patch_stage(fmt: Literal["onnx", "caffe"], patch_paths: list[Path], source: 
                            _record(records, patches, dialect))
 
     tools = ("onnx", "onnxruntime", "protobuf") if fmt == "onnx" else ("protobuf",)
-    params = {"format": fmt, "dialect": dialect, "check_input_shape": list(shape), "engine": ENGINE_VERSION,
-              "patches": len(paths)}
+    params: dict[str, Any] = {"format": fmt, "dialect": dialect, "check_input_shape": list(shape),
+                              "engine": ENGINE_VERSION, "patches": len(paths)}
     if fmt == "onnx":
         from ..patches import input_layout, output_transforms
 
@@ -100,7 +100,7 @@ def patch_stage(fmt: Literal["onnx", "caffe"], patch_paths: list[Path], source: 
                              f"{'ONNX model' if fmt == 'onnx' else 'Caffe net'}")
 
 
-def _summary(records: list[dict]) -> str:
+def _summary(records: list[dict[str, Any]]) -> str:
     parts = []
     for r in records:
         ops = ", ".join(f"{o['op']}x{o['matched']}" for o in r["ops"])
@@ -108,10 +108,10 @@ def _summary(records: list[dict]) -> str:
     return "; ".join(parts) or "no patches"
 
 
-def _record(records: list[dict], patches: list, dialect: Optional[str] = None) -> dict:
+def _record(records: list[dict[str, Any]], patches: list[Any], dialect: Optional[str] = None) -> dict[str, Any]:
     from ..patches import input_layout, output_transforms
 
-    rec: dict = {"patches": records, "output_transforms": output_transforms(patches)}
+    rec: dict[str, Any] = {"patches": records, "output_transforms": output_transforms(patches)}
     if dialect is None:
         rec["input_layout"] = input_layout(patches)
     else:

@@ -72,7 +72,7 @@ def calibration_inputs(target: Union[TensorRTTarget, OnnxInt8CpuTarget], calib_p
 
 
 def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, calib_paths: list[Path],
-                    input: Input,  # noqa: A002 (manifest's name)
+                    input: Input,  # the manifest's name
                     adapt: Optional[Adapt] = None,
                     probe_paths: Optional[Sequence[Path]] = None) -> Optional[tuple[Stage, ArtifactRef]]:
     """The stage that writes ``<name>.fp16.onnx`` / ``<name>.int8.onnx`` from ``source``; None for fp32.
@@ -99,7 +99,7 @@ def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, cali
 
 
 def int8_stage(target: Union[TensorRTTarget, OnnxInt8CpuTarget], source: ArtifactRef, name: str,
-               calib_paths: list[Path], input: Input,  # noqa: A002 (manifest's name)
+               calib_paths: list[Path], input: Input,  # the manifest's name
                adapt: Optional[Adapt] = None, probe_paths: Optional[Sequence[Path]] = None,
                cpu: bool = False) -> tuple[Stage, ArtifactRef]:
     """``precision.int8`` (``<name>.int8.onnx``, symmetric Q/DQ for TensorRT) or, with ``cpu``,

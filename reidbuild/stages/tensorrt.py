@@ -7,6 +7,8 @@ The timing cache is kept as an artifact and fed back into the next build, so reb
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ..manifest import TensorRTTarget
 from ..pipeline import Stage, StageContext, StageResult
 from . import ArtifactRef
@@ -16,6 +18,7 @@ RECIPE = "trt-strongly-typed-v1"
 
 def engine_stage(target: TensorRTTarget, source: ArtifactRef, name: str) -> Stage:
     from ..tensorrt import build as trt_build
+    from ..tensorrt import env as trt_env
 
     engine_file, cache_file = f"{name}.engine", f"{name}.timing.cache"
     settings = trt_build.EngineSettings(batch_size=target.batch_size, workspace_mib=target.workspace_mib,
@@ -39,12 +42,12 @@ def engine_stage(target: TensorRTTarget, source: ArtifactRef, name: str) -> Stag
                                                                     "max": target.batch_size},
                 "recipe": RECIPE, "source": source.file},
         deps=(source.stage,), outputs=(engine_file, cache_file), tools=("tensorrt",),
-        available=trt_build.available, reproducible=False, environment=_engine_env,
+        available=trt_env.available, reproducible=False, environment=_engine_env,
         placement={"gpu": target.gpu} if target.gpu else {},
         description=f"build the TensorRT {target.mode} engine (strongly typed)")
 
 
-def _engine_env() -> dict:
+def _engine_env() -> dict[str, Any]:
     """What the engine bytes are tied to here (part of its shared-cache key)."""
     from ..tensorrt.env import engine_env
 

@@ -2,7 +2,7 @@
 engine is tied to. Nothing here decides numerics: the ONNX graph's own types and Q/DQ nodes do."""
 from __future__ import annotations
 
-from .build import EngineBuild, EngineSettings, available, build_engine
-from .env import engine_env, engine_env_mismatch
+from .build import EngineBuild, EngineSettings, build_engine
+from .env import available, engine_env, engine_env_mismatch
 
 __all__ = ["EngineBuild", "EngineSettings", "available", "build_engine", "engine_env", "engine_env_mismatch"]

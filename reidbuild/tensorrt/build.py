@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ..errors import NotExpressible, StageFailed
-from .env import NOT_INSTALLED, engine_env, engine_env_mismatch, import_cudart, import_tensorrt  # noqa: F401
-
-MIN_TENSORRT = 10
+from .env import engine_env, import_tensorrt
 
 
 @dataclass(frozen=True)
@@ -31,45 +29,17 @@ class EngineBuild:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def available() -> Optional[str]:
-    """Why engines cannot be built or run on this machine, or None."""
-    try:
-        trt = import_tensorrt()
-        version = str(trt.__version__)
-    except Exception as exc:  # ImportError, or a placeholder/broken install failing at import
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        detail = "" if isinstance(exc, ImportError) else f" ({type(exc).__name__}: {first})"
-        return NOT_INSTALLED + detail
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        major = 0
-    if major < MIN_TENSORRT:
-        return f"TensorRT {version} is too old: strongly typed builds need TensorRT {MIN_TENSORRT}+"
-    try:
-        cudart = import_cudart()
-    except ImportError:
-        return "cuda-python is not installed (pip install cuda-python) and it is needed for engine buffers"
-    try:
-        err, count = cudart.cudaGetDeviceCount()
-    except Exception as exc:
-        return f"no CUDA GPU (cudaGetDeviceCount raised {type(exc).__name__})"
-    if int(err) != 0 or int(count) < 1:
-        return f"no CUDA GPU ({getattr(err, 'name', err)})" if int(err) != 0 else "no CUDA GPU"
-    return None
-
-
 class _Log:
     """Collects TensorRT's messages (errors are quoted in failures); a subclass of trt.ILogger at runtime."""
 
     @staticmethod
     def make(trt: Any, sink: Optional[Callable[[str], None]]) -> Any:
-        class Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+        class Logger(trt.ILogger):  # type: ignore[misc]
             def __init__(self) -> None:
                 trt.ILogger.__init__(self)
                 self.errors: list[str] = []
 
-            def log(self, severity: Any, msg: str) -> None:  # noqa: ANN001
+            def log(self, severity: Any, msg: str) -> None:
                 if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
                     self.errors.append(str(msg))
                     if sink:
@@ -105,11 +75,12 @@ def _dims(shape: Any) -> list[int]:
 
 def progress_monitor(trt: Any, progress: Optional[Callable[[str, int, int], None]]) -> Any:
     """A TensorRT IProgressMonitor (TensorRT >= 10) forwarding its top-level build phases' steps, or None."""
-    base = getattr(trt, "IProgressMonitor", None)
+    base: Any = getattr(trt, "IProgressMonitor", None)
     if progress is None or base is None:
         return None
+    report = progress  # the non-None callback, for the class body
 
-    class Monitor(base):  # type: ignore[misc, valid-type]
+    class Monitor(base):  # type: ignore[misc]
         def __init__(self) -> None:
             base.__init__(self)
             self.totals: dict[str, int] = {}
@@ -117,11 +88,11 @@ def progress_monitor(trt: Any, progress: Optional[Callable[[str, int, int], None
         def phase_start(self, phase_name: str, parent_phase: Optional[str], num_steps: int) -> None:
             if parent_phase is None:
                 self.totals[phase_name] = int(num_steps)
-                progress(phase_name, 0, int(num_steps))
+                report(phase_name, 0, int(num_steps))
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             if phase_name in self.totals:
-                progress(phase_name, int(step) + 1, self.totals[phase_name])
+                report(phase_name, int(step) + 1, self.totals[phase_name])
             return True  # never cancel
 
         def phase_finish(self, phase_name: str) -> None:
@@ -154,54 +125,8 @@ def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: O
     if tf32 is not None:
         config.clear_flag(tf32)
 
-    inputs = []
-    profile = None
-    for i in range(int(network.num_inputs)):
-        t = network.get_input(i)
-        shape = _dims(t.shape)
-        if len(shape) != 4:
-            raise NotExpressible(f"TensorRT input {t.name!r} has shape {shape}; expected [N, C, H, W] or [N, H, W, C]")
-        rest = shape[1:]
-        if any(d < 0 for d in rest):
-            # fill dynamic spatial dims from the manifest (channels first or last)
-            hw = [settings.height, settings.width]
-            if None in hw:
-                raise NotExpressible(f"TensorRT input {t.name!r} has dynamic dims {shape} and the manifest gives no "
-                                     "targets.tensorrt.height/width to fix them")
-            if rest[0] == 3 or (rest[0] < 0 and rest[-1] != 3):
-                rest = [3 if rest[0] < 0 else rest[0], *hw]
-            else:
-                rest = [*hw, 3 if rest[-1] < 0 else rest[-1]]
-        if shape[0] < 0:
-            profile = profile or builder.create_optimization_profile()
-            mn, opt, mx = [1, *rest], [settings.batch_size, *rest], [settings.batch_size, *rest]
-            profile.set_shape(t.name, mn, opt, mx)
-            inputs.append({"name": t.name, "shape": shape, "profile": {"min": mn, "opt": opt, "max": mx}})
-        else:
-            if shape[0] != settings.batch_size:
-                raise NotExpressible(f"TensorRT input {t.name!r} has a static batch of {shape[0]} but "
-                                     f"targets.tensorrt.batch_size is {settings.batch_size}; export with "
-                                     "targets.onnx.dynamic_batch: true")
-            if any(d < 0 for d in shape[1:]):
-                profile = profile or builder.create_optimization_profile()
-                fixed = [shape[0], *rest]
-                profile.set_shape(t.name, fixed, fixed, fixed)
-            inputs.append({"name": t.name, "shape": shape})
-    if profile is not None:
-        config.add_optimization_profile(profile)
-
-    cache_state = "fresh"
-    cache = config.create_timing_cache(timing_cache or b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        if timing_cache:
-            say("the previous timing cache does not fit this TensorRT/GPU; starting a fresh one")
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
-            cache_state = "mismatch: replaced"
-        else:
-            raise StageFailed("TensorRT refused an empty timing cache")
-    elif timing_cache:
-        cache_state = "reused"
+    inputs = _add_input_profiles(builder, network, config, settings)
+    cache_state = _set_timing_cache(config, timing_cache, say)
 
     monitor = progress_monitor(trt, progress)
     if monitor is not None:
@@ -215,7 +140,7 @@ def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: O
     if env is None:
         try:
             env = engine_env(trt)
-        except Exception as exc:  # a CUDA query failing after a successful build: say so, don't crash
+        except Exception as exc:  # noqa: BLE001 - a CUDA query failing after a successful build: say so, don't crash
             raise StageFailed(f"cannot read the CUDA/GPU environment to record with the engine: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
@@ -232,3 +157,60 @@ def build_engine(onnx_bytes: bytes, settings: EngineSettings, *, timing_cache: O
         "environment": env,
     }
     return EngineBuild(engine, cache_bytes, record)
+
+
+def _fixed_item_dims(name: str, shape: list[int], settings: EngineSettings) -> list[int]:
+    """An input's per-item dims with dynamic H/W filled from the manifest (channels first or last)."""
+    rest = shape[1:]
+    if not any(d < 0 for d in rest):
+        return rest
+    if settings.height is None or settings.width is None:
+        raise NotExpressible(f"TensorRT input {name!r} has dynamic dims {shape} and the manifest gives no "
+                             "targets.tensorrt.height/width to fix them")
+    hw = [settings.height, settings.width]
+    if rest[0] == 3 or (rest[0] < 0 and rest[-1] != 3):
+        return [3 if rest[0] < 0 else rest[0], *hw]
+    return [*hw, 3 if rest[-1] < 0 else rest[-1]]
+
+
+def _add_input_profiles(builder: Any, network: Any, config: Any, settings: EngineSettings) -> list[dict[str, Any]]:
+    """One optimisation profile for the network's dynamic inputs (batch 1..batch_size, H/W from the manifest);
+    the inputs as the lock records them. A static batch must equal the manifest's batch size."""
+    inputs: list[dict[str, Any]] = []
+    profile = None
+    for i in range(int(network.num_inputs)):
+        t = network.get_input(i)
+        shape = _dims(t.shape)
+        if len(shape) != 4:
+            raise NotExpressible(f"TensorRT input {t.name!r} has shape {shape}; expected [N, C, H, W] or [N, H, W, C]")
+        rest = _fixed_item_dims(t.name, shape, settings)
+        if shape[0] < 0:
+            profile = profile or builder.create_optimization_profile()
+            mn, opt, mx = [1, *rest], [settings.batch_size, *rest], [settings.batch_size, *rest]
+            profile.set_shape(t.name, mn, opt, mx)
+            inputs.append({"name": t.name, "shape": shape, "profile": {"min": mn, "opt": opt, "max": mx}})
+            continue
+        if shape[0] != settings.batch_size:
+            raise NotExpressible(f"TensorRT input {t.name!r} has a static batch of {shape[0]} but "
+                                 f"targets.tensorrt.batch_size is {settings.batch_size}; export with "
+                                 "targets.onnx.dynamic_batch: true")
+        if any(d < 0 for d in shape[1:]):
+            profile = profile or builder.create_optimization_profile()
+            fixed = [shape[0], *rest]
+            profile.set_shape(t.name, fixed, fixed, fixed)
+        inputs.append({"name": t.name, "shape": shape})
+    if profile is not None:
+        config.add_optimization_profile(profile)
+    return inputs
+
+
+def _set_timing_cache(config: Any, timing_cache: Optional[bytes], say: Callable[[str], None]) -> str:
+    """Feed the previous build's timing cache back (a fresh one when it does not fit); its state for the lock."""
+    cache = config.create_timing_cache(timing_cache or b"")
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return "reused" if timing_cache else "fresh"
+    if not timing_cache:
+        raise StageFailed("TensorRT refused an empty timing cache")
+    say("the previous timing cache does not fit this TensorRT/GPU; starting a fresh one")
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return "mismatch: replaced"

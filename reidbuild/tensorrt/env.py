@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+MIN_TENSORRT = 10
 NOT_INSTALLED = ("TensorRT is not installed (no importable `tensorrt` module; install TensorRT 10+ with its "
                  "Python bindings for your CUDA version, and a CUDA GPU is needed)")
 
 
 def import_tensorrt() -> Any:
-    import tensorrt  # noqa: PLC0415 (optional dependency)
+    import tensorrt  # optional dependency
 
     return tensorrt
 
@@ -21,16 +22,44 @@ def import_tensorrt() -> Any:
 def import_cudart() -> Any:
     """cuda-python's runtime bindings (``cuda.bindings.runtime``; older releases: ``cuda.cudart``)."""
     try:
-        from cuda.bindings import runtime  # noqa: PLC0415
+        from cuda.bindings import runtime
 
         return runtime
     except ImportError:
-        from cuda import cudart  # noqa: PLC0415
+        from cuda import cudart
 
         return cudart
 
 
-def _ok(cudart: Any, result: Any, what: str) -> Any:
+def available() -> Optional[str]:
+    """Why engines cannot be built or run on this machine, or None."""
+    try:
+        trt = import_tensorrt()
+        version = str(trt.__version__)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a placeholder/broken install failing at import
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        detail = "" if isinstance(exc, ImportError) else f" ({type(exc).__name__}: {first})"
+        return NOT_INSTALLED + detail
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < MIN_TENSORRT:
+        return f"TensorRT {version} is too old: strongly typed builds need TensorRT {MIN_TENSORRT}+"
+    try:
+        cudart = import_cudart()
+    except ImportError:
+        return "cuda-python is not installed (pip install cuda-python) and it is needed for engine buffers"
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - cuda-python raises its own errors
+        return f"no CUDA GPU (cudaGetDeviceCount raised {type(exc).__name__})"
+    if int(err) != 0 or int(count) < 1:
+        return f"no CUDA GPU ({getattr(err, 'name', err)})" if int(err) != 0 else "no CUDA GPU"
+    return None
+
+
+def cuda_result(result: Any, what: str) -> Any:
     """Unpack a cuda-python ``(err, *values)`` tuple; raise RuntimeError naming the call on failure."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -48,7 +77,7 @@ def engine_env(trt: Any = None, cudart: Any = None, device: int = 0) -> dict[str
     """The environment an engine built (or run) here is tied to; raises if TensorRT or the GPU is missing."""
     trt = trt or import_tensorrt()
     cudart = cudart or import_cudart()
-    prop = _ok(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    prop = cuda_result(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = prop.name
     if isinstance(name, (bytes, bytearray)):
         name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
@@ -56,8 +85,8 @@ def engine_env(trt: Any = None, cudart: Any = None, device: int = 0) -> dict[str
         "tensorrt": str(trt.__version__),
         "gpu": str(name).strip(),
         "compute_capability": f"{int(prop.major)}.{int(prop.minor)}",
-        "cuda_runtime": _version(int(_ok(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))),
-        "cuda_driver": _version(int(_ok(cudart, cudart.cudaDriverGetVersion(), "cudaDriverGetVersion"))),
+        "cuda_runtime": _version(int(cuda_result(cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))),
+        "cuda_driver": _version(int(cuda_result(cudart.cudaDriverGetVersion(), "cudaDriverGetVersion"))),
     }
 
 
@@ -75,14 +104,12 @@ def engine_env_mismatch(recorded: dict[str, Any], current: Optional[dict[str, An
     if not env or "tensorrt" not in env:
         return "the lock records no TensorRT environment for this engine; rebuild it"
     if current is None:
-        from .build import available
-
         why = available()
         if why:
             return f"the engine was built with {_describe(env)}; this machine cannot check it: {why}"
         try:
             current = engine_env()
-        except Exception as exc:  # a broken CUDA setup is reported, not raised
+        except Exception as exc:  # noqa: BLE001 - a broken CUDA setup is reported, not raised
             return f"the engine was built with {_describe(env)}; this machine's CUDA setup fails: {exc}"
     diffs = []
     if str(env.get("tensorrt")) != str(current.get("tensorrt")):

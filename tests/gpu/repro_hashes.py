@@ -43,7 +43,7 @@ def main() -> None:
             args.save_inputs.mkdir(parents=True, exist_ok=True)
             (args.save_inputs / "m.onnx").write_bytes(fp32)
             np.save(args.save_inputs / "calib.npy", calib)
-    h = lambda b: hashlib.sha256(b).hexdigest()[:16]  # noqa: E731
+    h = lambda b: hashlib.sha256(b).hexdigest()[:16]
     print(f"onnxruntime {onnxruntime.__version__}; calib {h(calib.tobytes())} fp32 {h(fp32)} fp16 {h(convert_fp16(fp32)[0])}")
     for method in ("percentile", "minmax", "entropy"):
         data, rec = quantize_int8(fp32, calib, method=method, workdir=root / method)

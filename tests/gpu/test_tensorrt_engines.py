@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reidbuild.tensorrt.build import available
+from reidbuild.tensorrt.env import available
 
 why = available()
 pytestmark = pytest.mark.skipif(why is not None, reason=why or "")

@@ -32,7 +32,7 @@ def main() -> int:
     import torch
 
     from reidbuild.images import load_images
-    from reidbuild.tensorrt.build import available
+    from reidbuild.tensorrt.env import available
     from tests.gpu.common import cuda_reason
     from tests.precision.common import build_demo_model, demo_config, export_simplified, synth_images
 

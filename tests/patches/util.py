@@ -26,7 +26,7 @@ def tiny_onnx(dynamic: bool) -> bytes:
             self.flat = nn.Flatten()
             self.fc = nn.Linear(8, 4)
 
-        def forward(self, x):  # noqa: ANN001
+        def forward(self, x):
             x = self.pool(torch.relu(self.bn(self.conv(x / 255.0))))
             return self.fc(self.flat(self.gap(x)))
 
@@ -140,7 +140,7 @@ def pycaffe():
     os.environ.setdefault("GLOG_minloglevel", "2")
     try:
         import caffe  # type: ignore
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken pycaffe install fails in any way
         pytest.skip("pycaffe is not installed (scripts/build_pycaffe.sh builds it)")
     return caffe
 

@@ -52,7 +52,7 @@ def _write_pngs(folder: Path, images: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from reidbuild.fastreid.baseline import build_model
+    from reidbuild.fastreid import build_model
     from reidbuild.fastreid.checkpoint import make_checkpoint
     from reidbuild.fastreid.config import load_config
     from reidbuild.testing import make_trained_like, person_like_images

@@ -117,16 +117,14 @@ def test_engine_env_mismatch_names_what_differs():
     assert "TensorRT 11.4.0 vs 10.13.0 here" in msg and "compute capability 9.0 vs 8.0 here" in msg
     assert "NVIDIA A100" in msg and "rebuild the engine" in msg
     assert "no TensorRT environment" in engine_env_mismatch({})
-    # verify.py imports it from the build module and passes the record or its environment
-    from reidbuild.tensorrt.build import engine_env_mismatch as from_build
-
-    assert from_build({"mode": "fp16", "environment": ENV}, current=ENV) is None
+    # verify.py passes the record or its environment
+    assert engine_env_mismatch({"mode": "fp16", "environment": ENV}, current=ENV) is None
 
 
 def test_engine_env_mismatch_on_a_machine_without_tensorrt(monkeypatch):
-    import reidbuild.tensorrt.build as trt_build
+    import reidbuild.tensorrt.env as trt_env
 
-    monkeypatch.setattr(trt_build, "available", lambda: "no CUDA GPU")
+    monkeypatch.setattr(trt_env, "available", lambda: "no CUDA GPU")
     msg = engine_env_mismatch({"environment": ENV})
     assert "built with TensorRT 11.4.0 on NVIDIA H100 80GB HBM3 (compute capability 9.0)" in msg
     assert msg.endswith("no CUDA GPU")

@@ -265,7 +265,7 @@ class RunnerTensorRT:
 class HostCudart:
     """cuda-python runtime look-alike backed by host memory (ctypes buffers); records every call."""
 
-    class cudaMemcpyKind(enum.IntEnum):  # noqa: N801 (mirrors cuda-python's name)
+    class cudaMemcpyKind(enum.IntEnum):  # mirrors cuda-python's name
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
         cudaMemcpyDeviceToDevice = 3
@@ -274,44 +274,44 @@ class HostCudart:
         self.calls: list[tuple] = []
         self.live: dict[int, Any] = {}
 
-    def cudaSetDevice(self, d: int):  # noqa: N802
+    def cudaSetDevice(self, d: int):
         self.calls.append(("cudaSetDevice", d))
         return (0,)
 
-    def cudaMalloc(self, n: int):  # noqa: N802
+    def cudaMalloc(self, n: int):
         buf = ctypes.create_string_buffer(n)
         self.live[ctypes.addressof(buf)] = buf
         self.calls.append(("cudaMalloc", n))
         return (0, ctypes.addressof(buf))
 
-    def cudaFree(self, p: int):  # noqa: N802
+    def cudaFree(self, p: int):
         self.live.pop(p, None)
         self.calls.append(("cudaFree",))
         return (0,)
 
-    def cudaStreamCreate(self):  # noqa: N802
+    def cudaStreamCreate(self):
         return (0, 7)
 
-    def cudaStreamDestroy(self, s: int):  # noqa: N802
+    def cudaStreamDestroy(self, s: int):
         return (0,)
 
-    def cudaStreamSynchronize(self, s: int):  # noqa: N802
+    def cudaStreamSynchronize(self, s: int):
         self.calls.append(("cudaStreamSynchronize",))
         return (0,)
 
-    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: Any, stream: int):  # noqa: N802
+    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: Any, stream: int):
         ctypes.memmove(dst, src, n)
         self.calls.append(("cudaMemcpyAsync", kind.name, n))
         return (0,)
 
-    def cudaGetDeviceCount(self):  # noqa: N802
+    def cudaGetDeviceCount(self):
         return (0, 1)
 
-    def cudaGetDeviceProperties(self, d: int):  # noqa: N802
+    def cudaGetDeviceProperties(self, d: int):
         return (0, SimpleNamespace(name=b"Stand-in GPU\0\0", major=9, minor=0))
 
-    def cudaRuntimeGetVersion(self):  # noqa: N802
+    def cudaRuntimeGetVersion(self):
         return (0, 12080)
 
-    def cudaDriverGetVersion(self):  # noqa: N802
+    def cudaDriverGetVersion(self):
         return (0, 13000)

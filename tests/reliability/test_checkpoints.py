@@ -155,7 +155,7 @@ def _missing_key(tmp_path, p):
 
 
 def _other_depth(tmp_path, p):
-    from reidbuild.fastreid.baseline import build_model
+    from reidbuild.fastreid import build_model
     from reidbuild.fastreid.checkpoint import make_checkpoint
     from reidbuild.fastreid.config import load_config
 
