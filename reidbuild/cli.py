@@ -71,6 +71,23 @@ def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+class BackendChoice(click.Choice):  # type: ignore[type-arg]
+    """``torch`` plus every runner the registered targets declare, read when used (targets may register late)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from . import targets
+
+        return ("torch",) + targets.backend_names()
+
+    @choices.setter
+    def choices(self, value: Any) -> None:
+        """click's constructor sets the choices; this type always reads them from the registry."""
+
+
 MANIFEST = click.argument("manifest", type=click.Path(dir_okay=False))
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress or stage lines on stderr (errors still show).")
@@ -354,9 +371,8 @@ def report(manifest: str, out: str | None) -> None:
 
 @main.command()
 @MANIFEST
-@click.option("--backend", required=True,
-              type=click.Choice(["torch", "onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8",
-                                 "onnx_int8_cpu"]))
+@click.option("--backend", required=True, type=BackendChoice(),
+              help="torch (the reference) or a runner of a declared target (reidbuild.targets).")
 @click.option("--input", "pattern", required=True, help="Glob of images, e.g. 'imgs/*.jpg'.")
 @click.option("--output", "out", required=True, type=click.Path(file_okay=False), help="Folder for the .npy files.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))

@@ -16,7 +16,8 @@ from .manifest import LoadedManifest
 
 
 def make_runner(lm: LoadedManifest, backend: str) -> Runner:
-    """A runner for ``backend`` over the committed artifacts, each checked against the lock first."""
+    """A runner for ``backend`` over the committed artifacts, each checked against the lock first; the caller
+    closes it (``with make_runner(...) as runner``)."""
     from .stages.assemble import assemble
     from .stages.load import model_config, build_torch_model
 
@@ -59,16 +60,17 @@ def run_infer(lm: LoadedManifest, backend: str, pattern: str, out_dir: Path, bat
             raise InputError(f"--input: {p} and {stems[p.stem]} would both write {p.stem}.npy")
         stems[p.stem] = p
     inp = lm.model.input
-    runner = make_runner(lm, backend)
-    ensure_dir(out_dir)
-    written = []
-    for i in range(0, len(paths), batch_size):
-        chunk = paths[i: i + batch_size]
-        feats = run_batched(runner, load_images(chunk, inp.height, inp.width, inp.color, inp.interpolation), batch_size)
-        for p, f in zip(chunk, feats):
-            buf = io.BytesIO()
-            np.save(buf, f.astype(np.float32))
-            written.append(atomic_write(out_dir, f"{p.stem}.npy", buf.getvalue()))
-        if progress is not None:
-            progress(len(written), len(paths))
+    written: list[Path] = []
+    with make_runner(lm, backend) as runner:  # closed on the way out, whatever happens
+        ensure_dir(out_dir)
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i: i + batch_size]
+            feats = run_batched(runner, load_images(chunk, inp.height, inp.width, inp.color, inp.interpolation),
+                                batch_size)
+            for p, f in zip(chunk, feats):
+                buf = io.BytesIO()
+                np.save(buf, f.astype(np.float32))
+                written.append(atomic_write(out_dir, f"{p.stem}.npy", buf.getvalue()))
+            if progress is not None:
+                progress(len(written), len(paths))
     return written

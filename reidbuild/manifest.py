@@ -1,6 +1,8 @@
 """The manifest: pydantic models of the YAML a user writes, and loading with file:line:column errors.
 
-Only data lives here; what the manifest *means* (which stages run) is decided in ``pipeline.py``.
+Only data lives here; what the manifest *means* (which stages run) is decided by the targets and
+``stages.assemble``. The ``targets`` section and the names ``parity`` accepts come from the target registry
+(``reidbuild.targets``): ``load_manifest`` validates with :func:`manifest_model`.
 """
 from __future__ import annotations
 
@@ -9,12 +11,24 @@ import glob as _glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from . import targets as target_registry
 from . import yamlio
 from .errors import ImageError, ManifestError
+from .manifest_parts import Calibration, Strict
+from .targets.caffe import CaffeTarget
+from .targets.onnx import OnnxTarget
+from .targets.onnx_int8_cpu import OnnxInt8CpuTarget
+from .targets.tensorrt import TensorRTTarget
+
+# the built-in targets' sections, importable from here as before (they live in reidbuild.targets.*)
+__all__ = ["Calibration", "CaffeTarget", "Input", "LoadedManifest", "Manifest", "OnnxInt8CpuTarget", "OnnxTarget",
+           "Parity", "Source", "Targets", "TensorRTTarget", "Tolerance", "check_file_name", "json_schema",
+           "load_manifest", "manifest_model"]
+
 
 def check_file_name(value: str, what: str = "name") -> str:
     """Refuse anything that could escape a folder when used as (part of) a file name."""
@@ -25,30 +39,15 @@ def check_file_name(value: str, what: str = "name") -> str:
     return value
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_as_number(cls, value: Any, info: Any) -> Any:
-        """YAML's true/yes/on are booleans; pydantic would quietly take them as 1 for a number."""
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
-            raise ValueError(f"expected a number, got {str(value).lower()}")
-        return value
-
-
-_NUMBERS = (int, float, Optional[int], Optional[float])
-
-
-class RandomWeights(_Strict):
+class RandomWeights(Strict):
     seed: int = Field(ge=0, description="Seed for deterministic random weights (demo and tests).")
 
 
-class RandomSource(_Strict):
+class RandomSource(Strict):
     random: RandomWeights
 
 
-class Source(_Strict):
+class Source(Strict):
     format: Literal["fastreid"] = Field(description="Training framework of the checkpoint.")
     config: str = Field(description="fast-reid config.yml (relative to the manifest); _BASE_ honoured.")
     weights: Union[str, RandomSource] = Field(description="model_final.pth, or {random: {seed: N}}.")
@@ -63,70 +62,19 @@ class Source(_Strict):
     )
 
 
-class Input(_Strict):
+class Input(Strict):
     height: int = Field(ge=8, le=4096)
     width: int = Field(ge=8, le=4096)
     color: Literal["RGB", "BGR"] = Field("RGB", description="Channel order fed to the model.")
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"] = "bicubic"
 
 
-class OnnxTarget(_Strict):
-    opset: int = Field(default=17, ge=11, le=17, description="TorchScript exporter opsets (reproducible bytes).")
-    simplify: bool = True
-    dynamic_batch: bool = True
-    patches: list[str] = Field(default_factory=list, description="Graph patch files applied in order.")
+class Targets(Strict):
+    """The ``targets`` section: one optional field per registered target (``reidbuild.targets``); the model
+    ``load_manifest`` validates with is derived from the registry (:func:`manifest_model`)."""
 
 
-class CaffeTarget(_Strict):
-    dialect: Literal["bvlc", "ceil_mode"] = Field(
-        description="bvlc: stock Caffe 1.0 (ceil pooling, no rounding field); "
-        "ceil_mode: the fork field PoolingParameter.ceil_mode = 13 (bool). Never guessed."
-    )
-    patches: list[str] = Field(default_factory=list)
-    batch_size: int = Field(1, ge=1, le=1024, description="N of the prototxt's input shape.")
-
-
-class Calibration(_Strict):
-    images: str
-    batches: int = Field(ge=1, le=10_000)
-    # percentile by default: entropy clipped post-ReLU ranges to about half on the test models (see README)
-    method: Literal["entropy", "percentile", "minmax"] = "percentile"
-    percentile: float = Field(99.999, gt=50, le=100)
-
-
-class TensorRTTarget(_Strict):
-    mode: Literal["fp32", "fp16", "int8"]
-    batch_size: int = Field(ge=1, le=4096)
-    height: Optional[int] = Field(None, ge=8, le=4096)
-    width: Optional[int] = Field(None, ge=8, le=4096)
-    workspace_mib: int = Field(1024, ge=16, le=1 << 20)
-    calibration: Optional[Calibration] = None
-    gpu: Optional[str] = Field(None, min_length=1, max_length=200, description=(
-        "GPU model the engine is built for in fleet builds (`apply --ray`), e.g. \"NVIDIA A10\": the engine "
-        "stage runs only on a Ray node advertising this name as a custom resource. Not part of the fingerprint."))
-
-    @model_validator(mode="after")
-    def _int8_needs_calibration(self) -> "TensorRTTarget":
-        if self.mode == "int8" and self.calibration is None:
-            raise ValueError("mode int8 needs a calibration section (images, batches)")
-        return self
-
-
-class OnnxInt8CpuTarget(_Strict):
-    """The int8 ONNX onnxruntime's CPU kernels want (uint8 activations, int32 biases); not for TensorRT."""
-
-    calibration: Calibration
-    batch_size: int = Field(8, ge=1, le=4096, description="Calibration uses at most batches x batch_size images.")
-
-
-class Targets(_Strict):
-    onnx: OnnxTarget = Field(default_factory=OnnxTarget)
-    caffe: Optional[CaffeTarget] = None
-    tensorrt: Optional[TensorRTTarget] = None
-    onnx_int8_cpu: Optional[OnnxInt8CpuTarget] = None
-
-
-class Tolerance(_Strict):
+class Tolerance(Strict):
     """Per-check tolerances; unset fields fall back to the parity section or the precision profile."""
 
     rtol: Optional[float] = Field(None, ge=0)
@@ -138,7 +86,7 @@ class Tolerance(_Strict):
     compare: Optional[Literal["normalized", "raw"]] = Field(None, description="What rtol/atol apply to.")
 
 
-class Parity(_Strict):
+class Parity(Strict):
     images: str
     reference: Literal["torch"] = "torch"
     compare: Literal["normalized", "raw"] = Field(
@@ -147,11 +95,9 @@ class Parity(_Strict):
     rtol: float = Field(1e-3, ge=0)
     atol: float = Field(1e-5, ge=0)
     min_cosine: Optional[float] = Field(None, ge=-1, le=1, description="Default 0.9999 for fp32 checks.")
-    backends: list[Literal["onnxruntime", "caffe", "tensorrt"]] = Field(min_length=1)
-    overrides: dict[Literal["onnxruntime", "caffe", "tensorrt", "onnx_fp16", "onnx_int8", "onnx_int8_cpu"],
-                    Tolerance] = Field(
-        default_factory=dict, description="Per-backend tolerance overrides."
-    )
+    # the names come from the target registry (manifest_model narrows both to them)
+    backends: list[str] = Field(min_length=1)
+    overrides: dict[str, Tolerance] = Field(default_factory=dict, description="Per-backend tolerance overrides.")
     batch_size: int = Field(4, ge=1, le=256)
 
     @field_validator("backends")
@@ -162,7 +108,7 @@ class Parity(_Strict):
         return v
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     version: Literal[1]
     name: str
     source: Source
@@ -178,28 +124,50 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Manifest":
-        trt = self.targets.tensorrt
-        if trt is not None:
-            for dim in ("height", "width"):
-                v = getattr(trt, dim)
-                if v is not None and v != getattr(self.input, dim):
-                    raise ValueError(
-                        f"targets.tensorrt.{dim} is {v} but input.{dim} is {getattr(self.input, dim)}; they must agree"
-                    )
-            if trt.mode != "fp32" and self.parity is None:
-                raise ValueError(f"targets.tensorrt mode {trt.mode} needs a parity section: its images prove the "
-                                 f"{trt.mode} ONNX on the CPU before an engine is built")
-            if not self.targets.onnx.dynamic_batch and trt.batch_size != 1:
-                raise ValueError("targets.tensorrt.batch_size > 1 needs targets.onnx.dynamic_batch: true")
-        if self.targets.onnx_int8_cpu is not None and self.parity is None:
-            raise ValueError("targets.onnx_int8_cpu needs a parity section: its images prove the int8 ONNX")
+        for target in target_registry.registered():
+            if target.validate is not None:
+                target.validate(self)
         if self.parity is not None:
-            declared = {"onnxruntime": True, "caffe": self.targets.caffe is not None,
-                        "tensorrt": trt is not None}
-            missing = [b for b in self.parity.backends if not declared[b]]
+            owners = {b: t.name for t in target_registry.registered() for b in t.requestable}
+            missing = [b for b in self.parity.backends if getattr(self.targets, owners.get(b, ""), None) is None]
             if missing:
                 raise ValueError(f"parity.backends {missing} are not declared under targets")
         return self
+
+
+_MODELS: dict[int, type[Manifest]] = {}
+
+
+def manifest_model() -> type[Manifest]:
+    """The Manifest model for the targets registered now: ``targets`` has one field per target, and
+    ``parity.backends``/``parity.overrides`` accept their runner names (rebuilt when the registry changes)."""
+    gen = target_registry.generation()
+    if gen not in _MODELS:
+        _MODELS.clear()
+        _MODELS[gen] = _derive()
+    return _MODELS[gen]
+
+
+def _derive() -> type[Manifest]:
+    """Subclasses of Targets, Parity and Manifest whose fields the registry fills: typo'd target keys, check
+    names and backends fail with file:line:column and the registered names, like hand-written fields did."""
+    fields: dict[str, Any] = {}
+    for t in target_registry.registered():
+        make: Callable[[], Any] = t.model
+        fields[t.name] = (t.model, Field(default_factory=make)) if t.always else (Optional[t.model], None)
+    targets = create_model("Targets", __base__=Targets, **fields)
+    requestable: Any = Literal.__getitem__(target_registry.requestable_backends())
+    checks: Any = Literal.__getitem__(target_registry.backend_names())
+    optional_parity: Any = Optional[parity_model(requestable, checks)]
+    return create_model("Manifest", __base__=Manifest, __doc__=Manifest.__doc__,
+                        targets=(targets, Field(default_factory=targets)), parity=(optional_parity, None))
+
+
+def parity_model(requestable: Any, checks: Any) -> type[Parity]:
+    """``Parity`` with ``backends`` and ``overrides`` narrowed to the registered names (their errors list them)."""
+    return create_model("Parity", __base__=Parity, __doc__=Parity.__doc__,
+                        backends=(list[requestable], Parity.model_fields["backends"]),
+                        overrides=(dict[checks, Tolerance], Parity.model_fields["overrides"]))
 
 
 @dataclass(frozen=True)
@@ -248,7 +216,7 @@ def _did_you_mean(word: str, options: list[str]) -> str:
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model owning the mapping at ``loc`` (for 'did you mean' suggestions)."""
-    model: Any = Manifest
+    model: Any = manifest_model()
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
@@ -266,8 +234,10 @@ def _unwrap(tp: Any) -> Any:
     return tp
 
 
-def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: type[BaseModel] = Manifest) -> str:
-    """One line for the first error: ``file:line:col: field.path: what was expected`` (+ count of others)."""
+def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: Optional[type[BaseModel]] = None) -> str:
+    """One line for the first error: ``file:line:col: field.path: what was expected`` (+ count of others).
+
+    ``root``: the model validated (None: the manifest, whose unknown keys get 'did you mean' suggestions)."""
     errors = exc.errors(include_url=False)
     first = errors[0]
     data_loc = _data_loc(doc, first)
@@ -280,7 +250,7 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: ty
     field = ".".join(_show_key(p) for p in data_loc) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        owner = _model_at(tuple(data_loc[:-1])) if root is Manifest else None
+        owner = _model_at(tuple(data_loc[:-1])) if root is None else None
         if owner is not None:
             msg = f"unknown key{_did_you_mean(str(data_loc[-1]), list(owner.model_fields))}"
         else:
@@ -326,7 +296,7 @@ def load_manifest(path: Path) -> LoadedManifest:
     path = Path(path).absolute()
     doc = yamlio.load_mapping(path, "manifest", ManifestError, "version, name, source, input, output_dir, ...")
     try:
-        model = Manifest.model_validate(doc.data)
+        model = manifest_model().model_validate(doc.data)
     except ValidationError as exc:
         raise ManifestError(format_validation_error(doc, exc)) from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -339,7 +309,7 @@ def load_manifest(path: Path) -> LoadedManifest:
 
 def json_schema() -> str:
     """The manifest's JSON Schema, for editors."""
-    schema = Manifest.model_json_schema()
+    schema = manifest_model().model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "reidbuild manifest"
     return json.dumps(schema, indent=2, sort_keys=True)

@@ -202,8 +202,10 @@ def runner_equivalence(factory: Callable[[Callable[[str], Path]], Any], images: 
         from .images import load_images
 
         batch = load_images(images, inp.height, inp.width, inp.color, inp.interpolation)
-        ref = run_batched(factory(lambda f: locked / f), batch, 8)
-        got = run_batched(factory(lambda f: rebuilt / f), batch, 8)
+        with factory(lambda f: locked / f) as runner:
+            ref = run_batched(runner, batch, 8)
+        with factory(lambda f: rebuilt / f) as runner:
+            got = run_batched(runner, batch, 8)
         result = compare(ref, got, tol)
         return None if result.passed else "outputs differ from the locked artifact's: " + "; ".join(result.failures)
     return check

@@ -2,10 +2,15 @@
 
 Backends know nothing about manifests: they get artifact paths and float32 NCHW batches
 (RGB 0..255 unless a graph patch changed the input), and return float32 [N, D] features.
+
+Runners hold sessions, nets or GPU buffers: they are context managers and ``close()`` releases them. Whoever
+makes a runner closes it (parity and ``infer`` use ``with``), so a run never keeps an engine's device
+memory or a session's threads after its last batch.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, runtime_checkable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
     import numpy as np
@@ -24,6 +29,32 @@ class Runner(Protocol):
     def describe(self) -> dict[str, Any]:
         """What actually ran (runtime, version, device), recorded in the lock next to parity results."""
         ...
+
+    def close(self) -> None:
+        """Release what the runner holds (session, net, device buffers); safe to call twice."""
+        ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None: ...
+
+
+R = TypeVar("R", bound="Lifecycle")
+
+
+class Lifecycle:
+    """``with runner: ...`` closes the runner on the way out; subclasses override ``close``."""
+
+    def close(self) -> None:
+        """Nothing to release by default."""
+
+    def __enter__(self: R) -> R:
+        return self
+
+    def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.close()
 
 
 def run_batched(runner: Runner, images: np.ndarray, batch_size: int,

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import StageFailed, Unavailable
+from .base import Lifecycle
 
 RUNTIMES = ("auto", "pycaffe", "opencv")
 
@@ -112,7 +113,7 @@ def _net_facts(prototxt: Path) -> tuple[tuple[int, ...], str, bool]:
     return shape, out_layer, agnostic
 
 
-class CaffeRunner:
+class CaffeRunner(Lifecycle):
     """Runs a Caffe net with pycaffe or OpenCV; ``infer`` takes float32 [N, 3, H, W] RGB 0..255."""
 
     name = "caffe"
@@ -188,6 +189,10 @@ class CaffeRunner:
                 "backend": "pycaffe (Caffe CPU)" if self.runtime == "pycaffe" else "OpenCV dnn Caffe importer",
                 # what PoolingParameter field 13 means to this runtime: which dialects it reads correctly
                 "pooling_field_13": self.field13 or "absent"}
+
+    def close(self) -> None:
+        """Drop the net (pycaffe's blobs and weights, or OpenCV's)."""
+        self.net = None
 
 
 def _pycaffe_field13() -> str:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import StageFailed
+from .base import Lifecycle
 
 
 def session_options() -> Any:
@@ -19,7 +20,7 @@ def session_options() -> Any:
     return so
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(Lifecycle):
     """Runs an ONNX file; ``adapt`` turns the standard float32 NCHW batch into what the graph takes
     (e.g. uint8 BGR NHWC after a graph patch changed the input)."""
 
@@ -51,6 +52,10 @@ class OnnxRuntimeRunner:
         import onnxruntime as ort
 
         return {"runtime": "onnxruntime", "version": ort.__version__, "device": "cpu"}
+
+    def close(self) -> None:
+        """Drop the session (its arena and threads go with it)."""
+        self.session = None
 
 
 def adapt_input(batch: np.ndarray, elem_type: str, shape: list[Any]) -> np.ndarray:

@@ -13,11 +13,12 @@ import numpy as np
 
 from ..errors import StageFailed, Unavailable
 from ..tensorrt.env import available, cuda_result, engine_env, import_cudart, import_tensorrt
+from .base import Lifecycle
 
 __all__ = ["TensorRTRunner", "available"]
 
 
-class TensorRTRunner:
+class TensorRTRunner(Lifecycle):
     name = "tensorrt"
 
     def __init__(self, engine: Union[Path, str, bytes], *, device: int = 0, trt: Any = None,
@@ -151,6 +152,9 @@ class TensorRTRunner:
             except Exception:  # noqa: BLE001
                 pass
             self.stream = None
+        # the execution context goes before the engine it was made from
+        self.context = None
+        self.engine = None
 
     def __del__(self) -> None:
         try:
@@ -158,8 +162,3 @@ class TensorRTRunner:
         except Exception:  # noqa: BLE001
             pass
 
-    def __enter__(self) -> "TensorRTRunner":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

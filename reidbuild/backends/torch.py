@@ -5,8 +5,12 @@ from typing import Any
 
 import numpy as np
 
+from .base import Lifecycle
 
-class TorchRunner:
+
+class TorchRunner(Lifecycle):
+    """The model itself is the caller's (a run shares one across stages): closing drops only this reference."""
+
     name = "torch"
 
     def __init__(self, model: Any) -> None:
@@ -26,3 +30,6 @@ class TorchRunner:
         import torch
 
         return {"runtime": "torch", "version": torch.__version__, "device": "cpu"}
+
+    def close(self) -> None:
+        self.model = None

@@ -32,12 +32,27 @@ _FP16: dict[str, Any] = {"rtol": None, "atol": None, "min_cosine": 0.999, "min_r
 _INT8: dict[str, Any] = {"rtol": None, "atol": None, "min_cosine": 0.99, "min_rank1": 0.85, "topk": 5,
                          "min_topk_overlap": 0.85}
 
-_BY_CHECK = {
-    "fp32": _FP32, "onnxruntime": _FP32, "caffe": _FP32, "tensorrt": _FP32, "onnx_fp32": _FP32,
-    "tensorrt_fp32": _FP32,
-    "fp16": _FP16, "onnx_fp16": _FP16, "tensorrt_fp16": _FP16,
-    "int8": _INT8, "onnx_int8": _INT8, "tensorrt_int8": _INT8, "onnx_int8_cpu": _INT8,
-}
+PROFILES: dict[str, dict[str, Any]] = {"fp32": _FP32, "fp16": _FP16, "int8": _INT8}
+
+
+def precision_of(check: str) -> str:
+    """The precision whose profile ``check`` uses: a precision name itself, a registered target's runner
+    (``reidbuild.targets``: ``onnx_fp16`` -> fp16), or ``<target or runner>_<precision>`` (``tensorrt_int8``)."""
+    from .. import targets
+
+    if check in PROFILES:
+        return check
+    try:
+        return targets.precision_of(check)
+    except KeyError:
+        pass
+    stem, _, precision = check.rpartition("_")
+    known = set(targets.backend_names()) | {t.name for t in targets.registered()}
+    if precision in PROFILES and stem in known:
+        return precision
+    names = sorted(set(PROFILES) | set(targets.backend_names()))
+    raise ValueError(f"no default tolerance for check {check!r} (known: {', '.join(names)}, "
+                     f"or <target>_<precision>)")
 
 
 def default_tolerance(check: str) -> dict[str, Any]:
@@ -45,9 +60,6 @@ def default_tolerance(check: str) -> dict[str, Any]:
 
     ``onnx_fp16``/``onnx_int8`` are the precision ONNX on onnxruntime; a TensorRT engine of that precision
     uses the same profile (``tensorrt_fp16``/``tensorrt_int8``, or the mode name itself), and so does the CPU int8
-    ONNX (``onnx_int8_cpu``). Unset keys are None.
+    ONNX (``onnx_int8_cpu``). Each target declares its runners' precisions. Unset keys are None.
     """
-    try:
-        return dict(_BY_CHECK[check])
-    except KeyError:
-        raise ValueError(f"no default tolerance for check {check!r} (known: {', '.join(sorted(_BY_CHECK))})") from None
+    return dict(PROFILES[precision_of(check)])

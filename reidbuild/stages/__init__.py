@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
     from ..manifest import Input
-    from ..pipeline import StageContext
+    from ..pipeline import Stage, StageContext
     from ..probe import Probe
 
 
@@ -17,6 +17,11 @@ class ArtifactRef:
 
     stage: str
     file: str
+
+
+def output_ref(stage: "Stage", index: int = 0) -> ArtifactRef:
+    """A reference to ``stage``'s ``index``-th declared output (each builder documents the order of its outputs)."""
+    return ArtifactRef(stage.name, stage.outputs[index])
 
 
 def probe_for(ctx: "StageContext", inp: "Input", paths: Optional[Sequence[Path]]) -> "Probe":

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from ..caffe import CONVERTER_VERSION
 from ..errors import StageFailed
-from ..manifest import CaffeTarget
 from ..pipeline import Stage, StageContext, StageResult
+from ..targets.caffe import CaffeTarget
 from . import ArtifactRef
 
 
 def caffe_stage(target: CaffeTarget, input_hw: tuple[int, int], source: ArtifactRef,
-                name: str) -> tuple[Stage, ArtifactRef, ArtifactRef]:
-    """The ``caffe.convert`` stage reading ``source`` (simplified ONNX); returns (stage, prototxt, caffemodel)."""
+                name: str) -> Stage:
+    """The ``caffe.convert`` stage reading ``source`` (simplified ONNX); outputs: prototxt, caffemodel."""
     h, w = int(input_hw[0]), int(input_hw[1])
     proto_file, model_file = f"{name}.prototxt", f"{name}.caffemodel"
     shape = (target.batch_size, 3, h, w)
@@ -43,4 +43,4 @@ def caffe_stage(target: CaffeTarget, input_hw: tuple[int, int], source: Artifact
                           "converter": CONVERTER_VERSION},
                   deps=(source.stage,), outputs=(proto_file, model_file), tools=("onnx", "protobuf"),
                   description=f"convert the ONNX model to Caffe ({target.dialect} dialect)")
-    return stage, ArtifactRef(stage.name, proto_file), ArtifactRef(stage.name, model_file)
+    return stage

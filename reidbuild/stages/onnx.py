@@ -15,6 +15,7 @@ from ..errors import StageFailed
 from ..fsutil import sha256_bytes
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
+from ..targets.onnx import onnx_target
 from . import ArtifactRef, probe_for
 from .load import model_from
 
@@ -86,10 +87,10 @@ def _check_record(probe: Probe, notes: list[str]) -> dict[str, Any]:
 
 
 def export_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, out_file: str,
-                 probe_paths: Optional[Sequence[Path]] = None) -> tuple[Stage, ArtifactRef]:
-    """``onnx.export``; its self-check runs the export on ``probe_paths`` (the first parity images, or
+                 probe_paths: Optional[Sequence[Path]] = None) -> Stage:
+    """``onnx.export`` (output: ``out_file``); its self-check runs the export on ``probe_paths`` (the first parity images, or
     person-like images) and blames the exporter only for non-finite outputs PyTorch does not give too."""
-    t = lm.model.targets.onnx
+    t = onnx_target(lm.model)
     h, w = lm.model.input.height, lm.model.input.width
 
     def run(ctx: StageContext) -> StageResult:
@@ -116,12 +117,12 @@ def export_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, out
                                                 "exporter": "torchscript"},
                   deps=(load.stage,), outputs=(out_file,), tools=("torch", "onnx"),
                   description="export the PyTorch model to ONNX")
-    return stage, ArtifactRef(stage.name, out_file)
+    return stage
 
 
 def simplify_stage(lm: LoadedManifest, source: ArtifactRef, out_file: str,
-                   probe_paths: Optional[Sequence[Path]] = None) -> tuple[Stage, ArtifactRef]:
-    """``onnx.simplify``; the result must compute the exported graph's outputs on the self-check images to
+                   probe_paths: Optional[Sequence[Path]] = None) -> Stage:
+    """``onnx.simplify`` (output: ``out_file``); the result must compute the exported graph's outputs on the self-check images to
     within ``selfcheck.SCALE_BOUND`` of their scale."""
     h, w = lm.model.input.height, lm.model.input.width
 
@@ -166,6 +167,6 @@ def simplify_stage(lm: LoadedManifest, source: ArtifactRef, out_file: str,
 
     stage = Stage("onnx.simplify", run, params={"input": [h, w]}, deps=(source.stage,), outputs=(out_file,),
                   tools=("onnx", "onnxsim", "onnxruntime"), description="simplify the ONNX graph (onnx-simplifier)")
-    return stage, ArtifactRef(stage.name, out_file)
+    return stage
 
 

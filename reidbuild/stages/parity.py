@@ -96,6 +96,15 @@ def features_file_name(model_name: str, check: str) -> str:
     return f"{model_name}.parity.{check}.npz"
 
 
+def reference_features(ctx: StageContext, lm: LoadedManifest, cfg: dict[str, Any], batch: np.ndarray,
+                       batch_size: int) -> np.ndarray:
+    """The PyTorch model's features on the parity images (one pass per run, shared by every check)."""
+    from ..backends.torch import TorchRunner
+
+    with TorchRunner(model_from(ctx, lm, cfg)) as runner:
+        return run_batched(runner, batch, batch_size, lambda d, t: ctx.progress("PyTorch reference images", d, t))
+
+
 def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, check: ParityCheck,
                  images: list[Path]) -> Stage:
     parity = lm.model.parity
@@ -109,21 +118,19 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
     features_file = features_file_name(lm.model.name, check.check)
 
     def run(ctx: StageContext) -> StageResult:
-        from ..backends.torch import TorchRunner
         from ..images import load_images
 
         batch = ctx.cached("parity_images", lambda: load_images(images, inp.height, inp.width, inp.color,
                                                                 inp.interpolation))
-        raw_ref = ctx.cached("parity_reference", lambda: run_batched(
-            TorchRunner(model_from(ctx, lm, cfg)), batch, parity.batch_size,
-            lambda d, t: ctx.progress("PyTorch reference images", d, t)))
+        raw_ref = ctx.cached("parity_reference", lambda: reference_features(ctx, lm, cfg, batch, parity.batch_size))
         release_model(ctx)  # every parity check shares the one reference pass above
         reference = apply_transforms(raw_ref, check.output_transforms)
-        runner = check.make_runner(ctx)
-        actual = run_batched(runner, batch, parity.batch_size,
-                             lambda d, t: ctx.progress(f"{check.check} images", d, t))
+        with check.make_runner(ctx) as runner:  # closed after the last batch: sessions and engines go now
+            actual = run_batched(runner, batch, parity.batch_size,
+                                 lambda d, t: ctx.progress(f"{check.check} images", d, t))
+            backend = runner.describe()
         result = compare(reference, actual, tol, mode)
-        record = {"backend": runner.describe(), "reference": "torch", "transforms": check.output_transforms,
+        record = {"backend": backend, "reference": "torch", "transforms": check.output_transforms,
                   **result.summary(),
                   "per_image": [{"image": names[r.index], "max_abs": float(f"{r.max_abs:.4g}"),
                                  "cosine": float(f"{r.cosine:.8f}"), "ok": r.ok} for r in result.images]}
@@ -139,7 +146,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
                         + ": the model's own behaviour, not the backend's" + ("\n" + hint if hint else ""))
             failed = (f"parity {check.check}: " + "; ".join(result.failures) + ("\n" + hint if hint else "")
                       + "\n" + result.table(names))
-        runtime = runner.describe().get("runtime", runner.name)
+        runtime = backend.get("runtime", runner.name)
         retrieval = (f", rank-1 {result.rank1:.3f}, top-{result.topk} {result.topk_overlap:.3f}"
                      if result.rank1 is not None else "")
         ctx.log(f"{runtime}: {mode} max_abs {result.max_abs:.3g}, max_rel {result.max_rel:.3g}, "

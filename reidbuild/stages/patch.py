@@ -18,21 +18,15 @@ from . import ArtifactRef, probe_for
 ENGINE_VERSION = 1  # bump when an op's meaning changes, so locked builds re-run their patch stages
 
 
-def _pick(names: list[str], suffix: str, what: str) -> str:
-    found = [n for n in names if n.endswith(suffix)]
-    if len(found) != 1:
-        raise ValueError(f"caffe patch stage needs exactly one {suffix} {what}, got {names}")
-    return found[0]
-
-
 def patch_stage(fmt: Literal["onnx", "caffe"], patch_paths: list[Path], source: list[ArtifactRef],
                 out_files: list[str], name: str, *, dialect: Optional[str],
                 check_input_shape: tuple[int, int, int, int], probe_input: Optional[Input] = None,
                 probe_paths: Optional[Sequence[Path]] = None) -> Stage:
     """The ``onnx.patch`` / ``caffe.patch`` stage.
 
-    ``source``: the ONNX artifact, or the prototxt and caffemodel artifacts; ``out_files``: the same kinds
-    of files to write. ``name`` is the model's name (for messages). ``check_input_shape`` (N, C, H, W) fills
+    ``source``: the ONNX artifact, or the prototxt and caffemodel artifacts (in that order, as
+    ``caffe.convert`` declares its outputs); ``out_files``: the same kinds of files to write, in the same order
+    (the stage's outputs). ``name`` is the model's name (for messages). ``check_input_shape`` (N, C, H, W) fills
     symbolic dims for the onnxruntime check run, and is the Caffe input shape when the prototxt lacks one.
     ``probe_input``/``probe_paths``: how to load the ONNX check's images (the first parity images,
     preprocessed like parity; person-like images of the check shape when absent).
@@ -52,9 +46,11 @@ def patch_stage(fmt: Literal["onnx", "caffe"], patch_paths: list[Path], source: 
     if fmt == "onnx":
         if len(source) != 1 or len(out_files) != 1:
             raise ValueError("an onnx patch stage reads one .onnx and writes one .onnx")
+    elif len(source) != 2 or len(out_files) != 2:
+        raise ValueError("a caffe patch stage reads a prototxt and a caffemodel and writes the same two, in that order")
     else:
-        src_proto, src_model = _pick(src_files, ".prototxt", "source"), _pick(src_files, ".caffemodel", "source")
-        out_proto, out_model = _pick(out_files, ".prototxt", "output"), _pick(out_files, ".caffemodel", "output")
+        src_proto, src_model = src_files
+        out_proto, out_model = out_files
 
     def run(ctx: StageContext) -> StageResult:
         from ..patches import apply as papply

@@ -17,8 +17,10 @@ if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply
     from ..selfcheck import Adapt
 
 from ..errors import ImageError
-from ..manifest import Input, OnnxInt8CpuTarget, TensorRTTarget
+from ..manifest import Input
 from ..pipeline import Stage, StageContext, StageResult
+from ..targets.onnx_int8_cpu import OnnxInt8CpuTarget
+from ..targets.tensorrt import TensorRTTarget
 from . import ArtifactRef, probe_for
 
 TOOLS = ("onnx", "onnxruntime", "onnxconverter-common")
@@ -74,7 +76,7 @@ def calibration_inputs(target: Union[TensorRTTarget, OnnxInt8CpuTarget], calib_p
 def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, calib_paths: list[Path],
                     input: Input,  # the manifest's name
                     adapt: Optional[Adapt] = None,
-                    probe_paths: Optional[Sequence[Path]] = None) -> Optional[tuple[Stage, ArtifactRef]]:
+                    probe_paths: Optional[Sequence[Path]] = None) -> Optional[Stage]:
     """The stage that writes ``<name>.fp16.onnx`` / ``<name>.int8.onnx`` from ``source``; None for fp32.
     ``probe_paths``: the self-check images (the first parity images; person-like images when None)."""
     mode = target.mode
@@ -95,13 +97,13 @@ def precision_stage(target: TensorRTTarget, source: ArtifactRef, name: str, cali
                   params={"mode": mode, "recipe": fp16.RECIPE, "keep_fp32_ops": list(fp16.KEEP_FP32_OPS)},
                   deps=(source.stage,), outputs=(out,), tools=TOOLS,
                   description="convert the ONNX to fp16 (float32 I/O, sensitive ops kept in fp32)")
-    return stage, ArtifactRef(stage.name, out)
+    return stage
 
 
 def int8_stage(target: Union[TensorRTTarget, OnnxInt8CpuTarget], source: ArtifactRef, name: str,
                calib_paths: list[Path], input: Input,  # the manifest's name
                adapt: Optional[Adapt] = None, probe_paths: Optional[Sequence[Path]] = None,
-               cpu: bool = False) -> tuple[Stage, ArtifactRef]:
+               cpu: bool = False) -> Stage:
     """``precision.int8`` (``<name>.int8.onnx``, symmetric Q/DQ for TensorRT) or, with ``cpu``,
     ``precision.int8_cpu`` (``<name>.int8_cpu.onnx``, uint8 activations and int32 biases: the graph
     onnxruntime's CPU kernels fuse into QLinearConv). One calibration recipe serves both."""
@@ -140,4 +142,4 @@ def int8_stage(target: Union[TensorRTTarget, OnnxInt8CpuTarget], source: Artifac
                   inputs={f"calib[{i:03d}]": p for i, p in enumerate(paths)},
                   deps=(source.stage,), outputs=(out,), tools=TOOLS,
                   description=f"quantise the ONNX to int8 {graph} ({cal.method} calibration, {len(paths)} images)")
-    return stage, ArtifactRef(stage.name, out)
+    return stage

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..manifest import TensorRTTarget
 from ..pipeline import Stage, StageContext, StageResult
+from ..targets.tensorrt import TensorRTTarget
 from . import ArtifactRef
 
 RECIPE = "trt-strongly-typed-v1"
 
 
 def engine_stage(target: TensorRTTarget, source: ArtifactRef, name: str) -> Stage:
+    """``tensorrt.engine`` from ``source``; outputs: the engine, its timing cache."""
     from ..tensorrt import build as trt_build
     from ..tensorrt import env as trt_env
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,10 +17,11 @@ DIALECTS = ("bvlc", "ceil_mode")
 
 
 def need(runtime: str) -> None:
-    """Skip unless ``runtime`` can run here; the reason says how to get it (e.g. `make pycaffe`)."""
+    """Fail unless ``runtime`` can run here: ``make test`` builds pycaffe and installs OpenCV, so a missing one is
+    a broken setup, not a reason to skip; the message says how to get it (e.g. `make pycaffe`)."""
     why = available(runtime)
     if why is not None:
-        pytest.skip(why)
+        pytest.fail(f"Caffe runtime {runtime} is missing (make test installs it): {why}")
 
 
 def export(module: Any, shape: tuple[int, ...], *, dynamic_batch: bool = True, simplify: bool = True) -> Any:
@@ -64,10 +65,9 @@ def run_caffe(proto: Path, caffemodel: Path, runtime: str, x: np.ndarray) -> np.
     return CaffeRunner(proto, caffemodel, runtime).infer(x)
 
 
-def blob_shapes(proto: Path, caffemodel: Path, x: np.ndarray) -> Optional[dict[str, tuple[int, ...]]]:
-    """Every blob's shape after a pycaffe forward (None when pycaffe is absent)."""
-    if available("pycaffe") is not None:
-        return None
+def blob_shapes(proto: Path, caffemodel: Path, x: np.ndarray) -> dict[str, tuple[int, ...]]:
+    """Every blob's shape after a pycaffe forward."""
+    need("pycaffe")
     import caffe  # type: ignore[import-not-found]
 
     net = caffe.Net(str(proto), str(caffemodel), caffe.TEST)

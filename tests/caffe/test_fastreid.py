@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reidbuild import fastreid
 from tests.caffe._util import DIALECTS, RUNTIMES, export, need, rand, run_caffe, torch_ref, write_caffe
 
-fastreid = pytest.importorskip("reidbuild.fastreid")
 
 RTOL, ATOL = 1e-4, 5e-5
 HW = (64, 32)

@@ -13,7 +13,7 @@ from reidbuild.backends.base import Runner, run_batched
 from reidbuild.errors import StageFailed, Unavailable
 from reidbuild.manifest import CaffeTarget
 from reidbuild.pipeline import Stage, StageResult
-from reidbuild.stages import ArtifactRef
+from reidbuild.stages import ArtifactRef, output_ref
 from reidbuild.stages.caffe import caffe_stage
 from tests.caffe._util import export, need, rand, torch_ref, write_caffe
 
@@ -88,7 +88,8 @@ def test_stage_in_the_pipeline(dialect, tmp_path):
     onnx_bytes = export(_tiny(), (1, 3, 16, 8)).SerializeToString(deterministic=True)
     source = Stage("onnx.simplify", lambda ctx: StageResult({"m.onnx": onnx_bytes}), outputs=("m.onnx",))
     target = CaffeTarget(dialect=dialect, batch_size=2)
-    stage, proto_ref, model_ref = caffe_stage(target, (16, 8), ArtifactRef("onnx.simplify", "m.onnx"), "tiny")
+    stage = caffe_stage(target, (16, 8), ArtifactRef("onnx.simplify", "m.onnx"), "tiny")
+    proto_ref, model_ref = output_ref(stage, 0), output_ref(stage, 1)
     assert (stage.name, stage.deps, stage.tools) == ("caffe.convert", ("onnx.simplify",), ("onnx", "protobuf"))
     assert (proto_ref.file, model_ref.file) == ("tiny.prototxt", "tiny.caffemodel")
     assert stage.params["dialect"] == dialect and stage.params["batch_size"] == 2 and stage.params["input"] == [16, 8]
@@ -117,7 +118,7 @@ def test_stage_reports_a_refusal(tmp_path):
             return x.permute(0, 2, 3, 1)
 
     (tmp_path / "m.onnx").write_bytes(export(Perm(), (1, 3, 8, 4)).SerializeToString())
-    stage, _, _ = caffe_stage(CaffeTarget(dialect="bvlc"), (8, 4), ArtifactRef("onnx.simplify", "m.onnx"), "x")
+    stage = caffe_stage(CaffeTarget(dialect="bvlc"), (8, 4), ArtifactRef("onnx.simplify", "m.onnx"), "x")
     from reidbuild.errors import NotExpressible
 
     with pytest.raises(NotExpressible, match="of op Transpose is not expressible in Caffe dialect bvlc"):

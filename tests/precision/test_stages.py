@@ -11,7 +11,7 @@ from reidbuild.errors import ImageError, Unavailable
 from reidbuild.manifest import Calibration, Input, TensorRTTarget
 from reidbuild.pipeline import Planner, Stage, StageResult, run
 from reidbuild.fsutil import HashCache
-from reidbuild.stages import ArtifactRef
+from reidbuild.stages import ArtifactRef, output_ref
 from reidbuild.stages.precision import precision_stage
 from reidbuild.stages.tensorrt import engine_stage
 
@@ -39,7 +39,8 @@ def test_int8_stage_declares_calibration_images_as_inputs(tmp_path):
     paths = [tmp_path / f"c{i}.png" for i in range(10)]
     target = TensorRTTarget(mode="int8", batch_size=4,
                             calibration=Calibration(images="c*.png", batches=2, method="percentile", percentile=99.9))
-    stage, ref = precision_stage(target, ArtifactRef("onnx.simplify", "demo.onnx"), "demo", paths, INPUT)
+    stage = precision_stage(target, ArtifactRef("onnx.simplify", "demo.onnx"), "demo", paths, INPUT)
+    ref = output_ref(stage)
     assert stage.name == "precision.int8" and ref == ArtifactRef("precision.int8", "demo.int8.onnx")
     assert stage.outputs == ("demo.int8.onnx",) and stage.deps == ("onnx.simplify",)
     assert stage.tools == ("onnx", "onnxruntime", "onnxconverter-common") and stage.reproducible
@@ -57,8 +58,9 @@ def test_cpu_int8_stage_is_its_own_artifact_and_leaves_the_tensorrt_stage_finger
     paths = [tmp_path / f"c{i}.png" for i in range(10)]
     cal = Calibration(images="c*.png", batches=2)
     src = ArtifactRef("onnx.simplify", "demo.onnx")
-    trt, _ = precision_stage(TensorRTTarget(mode="int8", batch_size=4, calibration=cal), src, "demo", paths, INPUT)
-    cpu, ref = int8_stage(OnnxInt8CpuTarget(calibration=cal, batch_size=4), src, "demo", paths, INPUT, cpu=True)
+    trt = precision_stage(TensorRTTarget(mode="int8", batch_size=4, calibration=cal), src, "demo", paths, INPUT)
+    cpu = int8_stage(OnnxInt8CpuTarget(calibration=cal, batch_size=4), src, "demo", paths, INPUT, cpu=True)
+    ref = output_ref(cpu)
     assert ref == ArtifactRef("precision.int8_cpu", "demo.int8_cpu.onnx") and cpu.outputs == ("demo.int8_cpu.onnx",)
     cpu_params = dict(cpu.params)
     assert "graph" not in trt.params and cpu_params.pop("graph").startswith("cpu")
@@ -72,10 +74,10 @@ def test_fp16_and_int8_stages_run_in_the_pipeline_and_recalibrate_on_image_chang
     shutil.copytree(demo.calib_paths[0].parent, calib)
     paths = sorted(calib.glob("*.png"))
     src, ref = _source_stage(demo.onnx)
-    fp16, _ = precision_stage(TensorRTTarget(mode="fp16", batch_size=4), ref, "demo", [], INPUT)
+    fp16 = precision_stage(TensorRTTarget(mode="fp16", batch_size=4), ref, "demo", [], INPUT)
     target = TensorRTTarget(mode="int8", batch_size=4, calibration=Calibration(images="calib/*.png", batches=2,
                                                                                 method="minmax"))
-    int8, _ = precision_stage(target, ref, "demo", paths, INPUT)
+    int8 = precision_stage(target, ref, "demo", paths, INPUT)
     outcome, _ = _run([src, fp16, int8], tmp_path)
     assert outcome.ran == ["onnx.simplify", "precision.fp16", "precision.int8"] and not outcome.failed
     lock = lockfile.read(tmp_path / "m.lock")
@@ -95,7 +97,7 @@ def test_fp16_and_int8_stages_run_in_the_pipeline_and_recalibrate_on_image_chang
     from PIL import Image
 
     Image.new("RGB", (64, 128), (250, 10, 10)).save(paths[1])
-    int8b, _ = precision_stage(target, ref, "demo", paths, INPUT)
+    int8b = precision_stage(target, ref, "demo", paths, INPUT)
     plan = Planner([src, fp16, int8b], lockfile.read(tmp_path / "m.lock"), tmp_path / "out", tmp_path,
                    HashCache()).plan()
     assert [p.stage.name for p in plan if p.stale] == ["precision.int8"]

@@ -104,6 +104,19 @@ def test_runner_chunks_above_the_profile_max_and_uses_cuda_python_buffers():
         TensorRTRunner(b"BROKEN", trt=trt, cudart=HostCudart())
 
 
+def test_runner_is_a_context_manager_that_releases_buffers_stream_and_engine():
+    from reidbuild.backends.tensorrt import TensorRTRunner
+
+    trt, cudart = RunnerTensorRT(item_shape=(3, 8, 4), out_dim=16, max_batch=4), HostCudart()
+    x = np.random.default_rng(1).uniform(0, 255, (3, 3, 8, 4)).astype(np.float32)
+    with TensorRTRunner(b"PLAN", trt=trt, cudart=cudart) as runner:
+        np.testing.assert_array_equal(runner.infer(x), x.reshape(3, -1)[:, :16])
+        assert cudart.live
+    assert not cudart.live and runner.engine is None and runner.context is None and runner.stream is None
+    runner.close()  # twice is harmless
+    assert sum(1 for c in cudart.calls if c[0] == "cudaFree") == 2
+
+
 def test_engine_env_reads_cuda_python():
     env = engine_env(StandInTensorRT(), HostCudart())
     assert env == {"tensorrt": "11.4.0.standin", "gpu": "Stand-in GPU", "compute_capability": "9.0",

@@ -24,6 +24,41 @@ REPO = Path(__file__).resolve().parents[2]
 # counters reported at the end of the session (conftest.pytest_terminal_summary) and copied into COUNTS.md
 COUNTS: dict[str, int] = {}
 
+
+@dataclass(frozen=True)
+class Floor:
+    """A number README "Reliability" and COUNTS.md quote; the counters (COUNTS key prefixes) whose sum must reach
+    it when the ``modules`` that count them run whole (test_counts.py). Tests that count in one loop assert their
+    floor themselves too."""
+
+    value: int
+    counters: tuple[str, ...]
+    modules: tuple[str, ...]
+
+
+FLOORS: dict[str, Floor] = {
+    "crash: timed kills": Floor(24, ("crash: kill -9 points (timed",), ("test_crash.py",)),
+    "crash: exact commit-point kills": Floor(24, ("crash: kill -9 points (exact",), ("test_crash.py",)),
+    "crash: stage kinds killed while running": Floor(15, ("crash: stage kinds",), ("test_crash.py",)),
+    "bad inputs refused": Floor(96, ("inputs: bad", "checkpoints: ", "paths: bad names"),
+                                ("test_inputs.py", "test_checkpoints.py", "test_paths.py")),
+    "odd valid images accepted": Floor(12, ("inputs: odd valid images",), ("test_inputs.py",)),
+    "planted symlinks not followed": Floor(13, ("paths: planted symlinks",), ("test_paths.py",)),
+    "tampering caught": Floor(20, ("tamper: single flipped", "tamper: replaced", "tamper: edited",
+                                   "tamper: tool version"), ("test_tamper.py",)),
+    "corrupted outputs caught by parity": Floor(23, ("parity: ",), ("test_parity.py",)),
+    "property-based examples": Floor(1620, ("property examples: ",), ("test_properties.py",)),
+}
+
+
+# reliability test modules collected whole in this session (conftest.pytest_collection_modifyitems)
+WHOLE_MODULES: set[str] = set()
+DESELECTED_MODULES: set[str] = set()  # ... and those with a deselected test (conftest.pytest_deselected)
+
+
+def floor(name: str) -> int:
+    return FLOORS[name].value
+
 # the tiny build (tests.helpers.tiny_manifest): its stages and artifact files
 STAGES = ("load", "onnx.export", "onnx.simplify", "parity.onnxruntime", "report")
 ARTIFACTS = ("tiny.fastreid.json", "tiny.export.onnx", "tiny.onnx", "tiny.parity.onnxruntime.npz")

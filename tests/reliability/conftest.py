@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import tiny_manifest
+from tests.reliability import _util
 from tests.reliability._util import ARTIFACTS, COUNTS, VOLATILE, cli, copy_project, sha
 
 
@@ -42,6 +43,21 @@ def project(built, tmp_path) -> Built:
     """A private copy of the clean build, to tamper with."""
     m = copy_project(built.root, tmp_path / "p")
     return Built(m.parent, m, dict(built.artifacts), built.lock_text)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Note which reliability modules run whole (test_counts.py checks their floors) and run test_counts.py last,
+    after the tests whose counts it adds up."""
+    whole = not config.option.keyword and not config.option.markexpr and not any("::" in str(a) for a in config.args)
+    _util.WHOLE_MODULES.clear()
+    if whole:
+        _util.WHOLE_MODULES.update(Path(str(i.fspath)).name for i in items if "reliability" in Path(str(i.fspath)).parts)
+    items.sort(key=lambda i: Path(str(i.fspath)).name == "test_counts.py")
+
+
+def pytest_deselected(items):
+    for i in items:  # a deselected test of a module means that module did not run whole
+        _util.DESELECTED_MODULES.add(Path(str(i.fspath)).name)
 
 
 def pytest_terminal_summary(terminalreporter):

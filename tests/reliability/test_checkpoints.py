@@ -54,7 +54,10 @@ def _armed(path: Path, marker: Path, kind: str) -> None:
     marker.unlink()
 
 
-@pytest.mark.parametrize("kind", ["torch zip", "torch legacy", "raw pickle", "zip with bare payload"])
+EVIL_CONTAINERS = ("torch zip", "torch legacy", "raw pickle", "zip with bare payload")
+
+
+@pytest.mark.parametrize("kind", EVIL_CONTAINERS)
 def test_code_carrying_pickle_is_refused_without_running_it(tmp_path, kind):
     m = tiny_manifest(tmp_path, weights="model_final.pth")
     marker = tmp_path / "PWNED"

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reidbuild.errors import ReidbuildError
+from reidbuild.patches.spec import load_patch
 from tests.helpers import REPO, tiny_manifest
 from tests.reliability._util import count
 
@@ -180,20 +181,10 @@ def test_byte_edited_valid_manifests(manifest_base):
 
 # -------------------------------------------------------------------------------------------------- patches
 
-def _patch_loader():
-    try:
-        from reidbuild.patches.spec import load_patch
-    except ImportError as exc:  # pragma: no cover - until reidbuild/patches lands
-        pytest.skip(f"reidbuild.patches is not importable yet ({exc})")
-    return load_patch
-
-
 @pytest.fixture(scope="module")
 def patch_bases(tmp_path_factory):
-    load_patch = _patch_loader()
     files = sorted((REPO / "graph_patches").rglob("*.yml"))
-    if not files:
-        pytest.skip("no ready-made patch files to start from")
+    assert len(files) >= 5, f"the ready-made patch files are the starting points: {files}"
     bases = [yaml.safe_load(p.read_text()) for p in files]
     for p in files:
         load_patch(p)  # the starting points are valid
@@ -202,16 +193,16 @@ def patch_bases(tmp_path_factory):
 
 def test_random_yaml_trees_as_patches(patch_bases):
     path, _ = patch_bases
-    _run("patch, random YAML trees", _patch_loader(), path, _trees.map(_dump))
+    _run("patch, random YAML trees", load_patch, path, _trees.map(_dump))
 
 
 def test_mutated_valid_patches(patch_bases):
     path, bases = patch_bases
-    _run("patch, mutated valid patches", _patch_loader(), path,
+    _run("patch, mutated valid patches", load_patch, path,
          st.sampled_from(bases).flatmap(_mutated).map(_dump))
 
 
 def test_byte_edited_valid_patches(patch_bases):
     path, bases = patch_bases
-    _run("patch, byte-edited valid patches", _patch_loader(), path,
+    _run("patch, byte-edited valid patches", load_patch, path,
          st.sampled_from([_dump(b) for b in bases]).flatmap(_byte_edits))
