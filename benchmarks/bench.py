@@ -86,8 +86,8 @@ def bench_apply(manifest: Path, noop_runs: int) -> None:
         noops.append((w, (a.ru_utime + a.ru_stime) - (b.ru_utime + b.ru_stime)))
     w = statistics.median(x[0] for x in noops)
     c = statistics.median(x[1] for x in noops)
-    print(f"[r50] no-op apply {w:.3f} s wall (median of {noop_runs}), {c:.3f} s CPU, {100 * w / wall:.1f}% of the "
-          f"full apply")
+    print(f"[r50] no-op apply {w:.3f} s wall (median of {noop_runs}), {c:.3f} s CPU: {100 * w / wall:.1f}% of the "
+          f"full apply's wall time, {100 * c / cpu:.1f}% of its CPU time")
 
 
 def bench_ort_vs_torch(manifest: Path, seconds: float, rounds: int) -> None:
@@ -95,11 +95,11 @@ def bench_ort_vs_torch(manifest: Path, seconds: float, rounds: int) -> None:
 
     from reidbuild.backends.onnxruntime import OnnxRuntimeRunner
     from reidbuild.manifest import load_manifest
-    from reidbuild.stages.load import build_torch_model, model_config
+    from reidbuild.sources import open_source
     from reidbuild.testing import person_like_images
 
     lm = load_manifest(manifest)
-    model = build_torch_model(lm, model_config(lm))
+    model = open_source(lm).build_model()
     runner = OnnxRuntimeRunner(lm.output_dir / f"{lm.model.name}.onnx")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     for bs in (1, 8):

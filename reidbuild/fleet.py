@@ -6,17 +6,18 @@ process that holds that manifest's output folder (the driver, with Ray).
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import glob
-import multiprocessing
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import pipeline
 from .errors import InputError, classify
+
+if TYPE_CHECKING:  # process pools are imported where used: a single apply (a no-op above all) needs none
+    import concurrent.futures as cf
 
 Emit = Callable[[pipeline.Event], None]
 
@@ -137,6 +138,9 @@ def run_fleet(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], E
     for ``jobs`` > 1: it travels to a worker process). On a Ray cluster: ``raycluster.run_on_ray``."""
     if jobs <= 1:
         return [apply_one_safely(p, opts, emit_for(label(p))) for p in paths]
+    import concurrent.futures as cf
+    import multiprocessing
+
     # spawn, not fork: a forked copy of a process that already imported torch/onnxruntime threads can hang
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
@@ -146,9 +150,11 @@ def run_fleet(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], E
 
 def _result_of(future: "cf.Future[ManifestResult]", path: Path) -> ManifestResult:
     """A worker process that died (killed, out of memory) is that manifest's failure, not the fleet's."""
+    from concurrent.futures.process import BrokenProcessPool
+
     try:
         return future.result()
-    except cf.process.BrokenProcessPool as exc:
+    except BrokenProcessPool as exc:
         code, message = classify(exc)
         return ManifestResult(str(path), exit_code=code, message=f"worker process died: {message}")
 

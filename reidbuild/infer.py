@@ -19,12 +19,12 @@ def make_runner(lm: LoadedManifest, backend: str) -> Runner:
     """A runner for ``backend`` over the committed artifacts, each checked against the lock first; the caller
     closes it (``with make_runner(...) as runner``)."""
     from .stages.assemble import assemble
-    from .stages.load import model_config, build_torch_model
 
     if backend == "torch":
         from .backends.torch import TorchRunner
+        from .sources import open_source
 
-        return TorchRunner(build_torch_model(lm, model_config(lm)))
+        return TorchRunner(open_source(lm).build_model())
     build = assemble(lm).backends.get(backend)
     if build is None:
         raise InputError(f"{lm.path}: backend {backend} is not built by this manifest (not a declared target)")

@@ -107,12 +107,17 @@ def _check_record(name: str, rec: Any) -> None:
             raise ValueError(f"stage {name}: tools.{tool} must be a version string")
 
 
-def write(path: Path, lock: Lock, on_synced: Optional[Callable[[], None]] = None) -> None:
+def write(path: Path, lock: Lock, unchanged_from: Optional[Lock] = None,
+          on_synced: Optional[Callable[[], None]] = None) -> None:
     """Write the lock atomically; an unchanged lock is left alone (a no-op apply writes nothing).
 
+    ``unchanged_from``: the lock as read from ``path`` at the start of the run; when ``lock`` equals it, the
+    file already holds these records and is not even serialised again (PyYAML's emitter is pure Python).
     ``on_synced`` is called once the complete temp file is fsynced, before it replaces the lock (a commit
     point crash tests stop at).
     """
+    if unchanged_from is not None and lock == unchanged_from and path.is_file() and not path.is_symlink():
+        return
     data = lock.to_text().encode()
     try:
         if path.is_file() and not path.is_symlink() and path.read_bytes() == data:

@@ -11,9 +11,9 @@ import glob as _glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model, field_validator, model_validator
 
 from . import targets as target_registry
 from . import yamlio
@@ -26,7 +26,7 @@ from .targets.tensorrt import TensorRTTarget
 
 # the built-in targets' sections, importable from here as before (they live in reidbuild.targets.*)
 __all__ = ["Calibration", "CaffeTarget", "Input", "LoadedManifest", "Manifest", "OnnxInt8CpuTarget", "OnnxTarget",
-           "Parity", "Source", "Targets", "TensorRTTarget", "Tolerance", "check_file_name", "json_schema",
+           "Parity", "RandomSource", "SourceSpec", "Targets", "TensorRTTarget", "Tolerance", "check_file_name", "json_schema",
            "load_manifest", "manifest_model"]
 
 
@@ -47,19 +47,11 @@ class RandomSource(Strict):
     random: RandomWeights
 
 
-class Source(Strict):
-    format: Literal["fastreid"] = Field(description="Training framework of the checkpoint.")
-    config: str = Field(description="fast-reid config.yml (relative to the manifest); _BASE_ honoured.")
-    weights: Union[str, RandomSource] = Field(description="model_final.pth, or {random: {seed: N}}.")
-    opts: dict[str, Union[str, int, float, bool, list[Union[str, int, float, bool]]]] = Field(
-        default_factory=dict, description="Config overrides like fast-reid's --opts, dotted keys."
-    )
-    model_code: Optional[str] = Field(
-        None, min_length=1,
-        description="Opt in to building the model with your own fast-reid code instead of reidbuild's built-in "
-        "architectures: the folder holding your fork's fastreid package (relative to the manifest), or "
-        "'installed' for this Python's fastreid package. Runs that code; its .py files are hashed into the lock.",
-    )
+class SourceSpec(Strict):
+    """The manifest's ``source`` section: each model source (``reidbuild.sources``) subclasses it with its own
+    fields and ``format`` as a one-value Literal; ``manifest_model()`` accepts the registered ones."""
+
+    format: str
 
 
 class Input(Strict):
@@ -111,7 +103,7 @@ class Parity(Strict):
 class Manifest(Strict):
     version: Literal[1]
     name: str
-    source: Source
+    source: SourceSpec  # one of the registered sources' specs: see manifest_model()
     input: Input
     output_dir: str
     targets: Targets = Field(default_factory=Targets)
@@ -135,22 +127,26 @@ class Manifest(Strict):
         return self
 
 
-_MODELS: dict[int, type[Manifest]] = {}
+_MODELS: dict[tuple[int, tuple[type[SourceSpec], ...]], type[Manifest]] = {}
 
 
 def manifest_model() -> type[Manifest]:
-    """The Manifest model for the targets registered now: ``targets`` has one field per target, and
-    ``parity.backends``/``parity.overrides`` accept their runner names (rebuilt when the registry changes)."""
-    gen = target_registry.generation()
-    if gen not in _MODELS:
+    """The Manifest model for the targets and model sources registered now: ``targets`` has one field per
+    target, ``parity.backends``/``parity.overrides`` accept their runner names, and ``source`` is the section of
+    the source its ``format`` names (rebuilt when a registry changes)."""
+    from . import sources  # sources' sections build on this module: imported on first use, not at import
+
+    key = (target_registry.generation(), sources.spec_types())
+    if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[gen] = _derive()
-    return _MODELS[gen]
+        _MODELS[key] = _derive(key[1])
+    return _MODELS[key]
 
 
-def _derive() -> type[Manifest]:
-    """Subclasses of Targets, Parity and Manifest whose fields the registry fills: typo'd target keys, check
-    names and backends fail with file:line:column and the registered names, like hand-written fields did."""
+def _derive(specs: tuple[type[SourceSpec], ...]) -> type[Manifest]:
+    """Subclasses of Targets, Parity and Manifest whose fields the registries fill: typo'd target keys, check
+    names, backends and source keys fail with file:line:column and the registered names, like hand-written
+    fields did."""
     fields: dict[str, Any] = {}
     for t in target_registry.registered():
         make: Callable[[], Any] = t.model
@@ -159,8 +155,23 @@ def _derive() -> type[Manifest]:
     requestable: Any = Literal.__getitem__(target_registry.requestable_backends())
     checks: Any = Literal.__getitem__(target_registry.backend_names())
     optional_parity: Any = Optional[parity_model(requestable, checks)]
-    return create_model("Manifest", __base__=Manifest, __doc__=Manifest.__doc__,
+    return create_model("Manifest", __base__=Manifest, __doc__=Manifest.__doc__, source=(_source_field(specs), ...),
                         targets=(targets, Field(default_factory=targets)), parity=(optional_parity, None))
+
+
+def _source_field(specs: tuple[type[SourceSpec], ...]) -> Any:
+    """One source: its own model, so its errors read exactly as they always did (no union tag in the way);
+    several: a union tagged by ``format`` (a callable tag: a discriminator field may not have the before-validator
+    every Strict field has)."""
+    if len(specs) == 1:
+        return specs[0]
+    tagged = tuple(Annotated[s, Tag(str(get_args(s.model_fields["format"].annotation)[0]))] for s in specs)
+    return Annotated[Union[tagged], Discriminator(_format_of)]
+
+
+def _format_of(value: Any) -> Any:
+    """The ``format`` of a source section, as data or as a validated model."""
+    return value.get("format") if isinstance(value, dict) else getattr(value, "format", None)
 
 
 def parity_model(requestable: Any, checks: Any) -> type[Parity]:
@@ -214,8 +225,8 @@ def _did_you_mean(word: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f" (expected one of: {', '.join(sorted(options))})"
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model owning the mapping at ``loc`` (for 'did you mean' suggestions)."""
+def _model_at(loc: tuple[Any, ...], data: Any) -> type[BaseModel] | None:
+    """The pydantic model owning the mapping at ``loc`` of ``data`` (for 'did you mean' suggestions)."""
     model: Any = manifest_model()
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
@@ -223,15 +234,21 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         fld = model.model_fields.get(part) if isinstance(part, str) else None
         if fld is None:
             return None
-        model = _unwrap(fld.annotation)
+        data = data.get(part) if isinstance(data, dict) else None
+        model = _unwrap(fld.annotation, data)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _unwrap(tp: Any) -> Any:
-    for arg in getattr(tp, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return tp
+def _unwrap(tp: Any, data: Any) -> Any:
+    """The model in a union that ``data`` is meant for: the one whose Literal fields (a source's ``format``)
+    match it, else the first."""
+    args = [get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(tp)]  # tagged members
+    members = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    for member in members:
+        tags = {k: get_args(f.annotation) for k, f in member.model_fields.items() if get_origin(f.annotation) is Literal}
+        if isinstance(data, dict) and all(data.get(k) in values for k, values in tags.items() if k in data):
+            return member
+    return members[0] if members else tp
 
 
 def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: Optional[type[BaseModel]] = None) -> str:
@@ -250,7 +267,7 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: Op
     field = ".".join(_show_key(p) for p in data_loc) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        owner = _model_at(tuple(data_loc[:-1])) if root is None else None
+        owner = _model_at(tuple(data_loc[:-1]), doc.data) if root is None else None
         if owner is not None:
             msg = f"unknown key{_did_you_mean(str(data_loc[-1]), list(owner.model_fields))}"
         else:
@@ -259,6 +276,12 @@ def format_validation_error(doc: yamlio.Document, exc: ValidationError, root: Op
         msg = "required key is missing"
     elif first["type"] == "literal_error":
         msg = f"got {first.get('input')!r}; {msg.lower()}"
+    elif first["type"] in ("union_tag_invalid", "union_tag_not_found"):  # source.format, several sources known
+        ctx = first.get("ctx", {})
+        data_loc = [*data_loc, "format"]  # the one tagged union: source sections, tagged by format
+        field = ".".join(_show_key(p) for p in data_loc)
+        msg = (f"got {ctx.get('tag')!r}; expected one of: {ctx.get('expected_tags')}"
+               if first["type"] == "union_tag_invalid" else "required key is missing")
     msg = msg.replace("Value error, ", "")
     more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     where = doc.where(tuple(data_loc[:-1]) if first["type"] == "missing" else tuple(data_loc))

@@ -118,10 +118,10 @@ def _reference(manifest: Path) -> np.ndarray:
     from reidbuild.backends.torch import TorchRunner
     from reidbuild.images import load_images
     from reidbuild.manifest import load_manifest
-    from reidbuild.stages.load import build_torch_model, model_config
+    from reidbuild.sources import open_source
 
     lm = load_manifest(manifest)
-    model = build_torch_model(lm, model_config(lm))
+    model = open_source(lm).build_model()
     return TorchRunner(model).infer(load_images(lm.images("parity", "images"), H, W))
 
 
@@ -225,14 +225,14 @@ def _parity(manifest: Path, onnx_path: Path, swap_channels: bool, tmp: Path, cac
     from reidbuild.manifest import load_manifest
     from reidbuild.pipeline import StageContext
     from reidbuild.stages import ArtifactRef
-    from reidbuild.stages.load import model_config
+    from reidbuild.sources import open_source
     from reidbuild.stages.parity import ParityCheck, fp32_profile, parity_stage
 
     lm = load_manifest(manifest)
     feed = (lambda b: np.ascontiguousarray(b[:, ::-1], dtype=np.float32)) if swap_channels else None
     check = ParityCheck("onnxruntime", [ArtifactRef("x", onnx_path.name)],
                         lambda ctx: OnnxRuntimeRunner(onnx_path, adapt=feed), fp32_profile(lm))
-    stage = parity_stage(lm, model_config(lm), ArtifactRef("load", "x"), check, lm.images("parity", "images"))
+    stage = parity_stage(lm, open_source(lm), ArtifactRef("load", "x"), check, lm.images("parity", "images"))
     return stage.run(StageContext(tmp, cache, lambda _: None))
 
 
@@ -253,12 +253,12 @@ def test_each_corruption_fails_parity_with_the_defaults(built, agw_cache, tmp_pa
     from reidbuild.stages.onnx import export_onnx
 
     from reidbuild.manifest import load_manifest
-    from reidbuild.stages.load import build_torch_model, model_config
+    from reidbuild.sources import open_source
 
     m = built["agw"][0]
     corrupt, swap = CORRUPTIONS[case]
     lm = load_manifest(m)
-    model = build_torch_model(lm, model_config(lm))
+    model = open_source(lm).build_model()
     if corrupt is not None:
         with torch.no_grad():
             model = corrupt(model)

@@ -20,6 +20,7 @@ Only layer types that both pycaffe (BVLC and forks) and OpenCV's Caffe importer 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -1369,20 +1370,55 @@ def _fill(msg: Any, values: dict[str, Any]) -> None:
 
 def to_messages(net: _Net, dialect: str, name: str) -> tuple[Any, Any]:
     """(prototxt NetParameter, caffemodel NetParameter) of a converted net."""
-    proto = schema.new_net(dialect)
-    proto.name = name
+    proto = prototxt_message(net, dialect, name)
     weights = schema.new_net(dialect)
     weights.name = name
+    for layer in net.layers:
+        if layer.blobs:
+            _weights_layer(weights, layer)
+    return proto, weights
+
+
+def prototxt_message(net: _Net, dialect: str, name: str) -> Any:
+    """The prototxt NetParameter of a converted net: layers and their parameters, no weights."""
+    proto = schema.new_net(dialect)
+    proto.name = name
     for layer in net.layers:
         lp = proto.layer.add(name=layer.name, type=layer.type)
         lp.bottom.extend(layer.bottom)
         lp.top.extend(layer.top)
         _fill(lp, layer.params)
+    return proto
+
+
+def _weights_layer(weights: Any, layer: Layer) -> None:
+    lw = weights.layer.add(name=layer.name, type=layer.type)
+    for arr in layer.blobs:
+        schema.fill_blob(lw.blobs.add(), arr)
+
+
+def caffemodel_bytes(net: _Net, dialect: str, name: str, consume: bool = False) -> bytes:
+    """The ``.caffemodel`` bytes of ``to_messages``' weights message, serialized one layer at a time.
+
+    A message's encoding is its fields' encodings in field-number order (``name`` = 1, then each ``layer``
+    = 100), so the concatenation of one-field messages is byte-identical to serializing the whole message,
+    without holding the whole weights message (an R50: ~100 MB) next to its bytes. ``consume`` drops each
+    layer's arrays once written (the caller is done with ``net``).
+    """
+    import io
+
+    buf = io.BytesIO()
+    head = schema.new_net(dialect)
+    head.name = name
+    buf.write(schema.net_to_binary(head))
+    for layer in net.layers:
         if layer.blobs:
-            lw = weights.layer.add(name=layer.name, type=layer.type)
-            for arr in layer.blobs:
-                schema.fill_blob(lw.blobs.add(), arr)
-    return proto, weights
+            one = schema.new_net(dialect)
+            _weights_layer(one, layer)
+            buf.write(schema.net_to_binary(one))
+            if consume:
+                layer.blobs = []
+    return buf.getvalue()
 
 
 def build_net(model: Any, dialect: str, input_shape: tuple[int, int, int, int]) -> _Net:
@@ -1406,17 +1442,36 @@ class Conversion:
 def convert_detailed(model: Any, dialect: str, input_shape: tuple[int, int, int, int], *,
                      name: str = "reidbuild") -> Conversion:
     """Like :func:`convert`, plus the facts a lock records (layer histogram, shapes)."""
+    return _conversion(build_net(model, dialect, input_shape), dialect, input_shape, name)
+
+
+def convert_file(path: Path, dialect: str, input_shape: tuple[int, int, int, int], *,
+                 name: str = "reidbuild") -> Conversion:
+    """``convert_detailed`` of the ONNX file ``path``, dropping the parsed model as soon as the net holds its
+    own copy of the weights (an R50: ~100 MB fewer while serializing; clearing a protobuf field would not
+    return its memory). A missing file raises FileNotFoundError, an unreadable one StageFailed."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
+        raise StageFailed(f"{path.name}: not a readable ONNX model: {str(exc).splitlines()[0]}") from None
     net = build_net(model, dialect, input_shape)
-    proto, weights = to_messages(net, dialect, name)
-    text = schema.net_to_text(proto)
+    del model
+    return _conversion(net, dialect, input_shape, name)
+
+
+def _conversion(net: _Net, dialect: str, input_shape: tuple[int, int, int, int], name: str) -> Conversion:
+    """Serialize a built net; its weight arrays are dropped as they are written (the net is not reused)."""
+    text = schema.net_to_text(prototxt_message(net, dialect, name))
     schema.parse_prototxt(text, dialect)  # what is written must parse with the dialect's own schema
     hist: dict[str, int] = {}
     for layer in net.layers:
         hist[layer.type] = hist.get(layer.type, 0) + 1
-    output_shape = net.shapes["output"]
-    del net  # its weight arrays are copied into ``weights``: one copy fewer while serializing (R50: ~100 MB)
-    return Conversion(text, schema.net_to_binary(weights), dict(sorted(hist.items())),
-                      tuple(input_shape), output_shape)
+    return Conversion(text, caffemodel_bytes(net, dialect, name, consume=True), dict(sorted(hist.items())),
+                      tuple(input_shape), net.shapes["output"])
 
 
 def convert(model: Any, dialect: str, input_shape: tuple[int, int, int, int], *,

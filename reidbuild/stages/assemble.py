@@ -17,6 +17,7 @@ from .. import targets
 from ..manifest import LoadedManifest
 from ..pipeline import Stage
 from ..probe import PROBE_COUNT
+from ..sources import open_source
 from ..targets import BackendBuild, Build, RunnerFactory
 from .load import load_stage
 
@@ -36,8 +37,9 @@ def assemble(lm: LoadedManifest) -> Assembly:
     images: Optional[list[Path]] = lm.images("parity", "images") if m.parity else None
     # the self-checks of load and every ONNX-writing stage run on the first parity images (person-like without)
     probe_paths = images[:PROBE_COUNT] if images else None
-    load, load_ref, cfg = load_stage(lm, probe_paths)
-    build = Build(lm, cfg, load_ref, images, probe_paths, stages=[load])
+    source = open_source(lm)
+    load, load_ref = load_stage(lm, source, probe_paths)
+    build = Build(lm, source, load_ref, images, probe_paths, stages=[load])
     for target in targets.registered():
         section = getattr(m.targets, target.name, None)
         if section is not None:

@@ -20,19 +20,15 @@ def caffe_stage(target: CaffeTarget, input_hw: tuple[int, int], source: Artifact
     shape = (target.batch_size, 3, h, w)
 
     def run(ctx: StageContext) -> StageResult:
-        import onnx
-
-        from ..caffe.convert import convert_detailed
+        from ..caffe.convert import convert_file
 
         path = ctx.artifact(source.file)
+        ctx.log(f"converting {source.file} to Caffe ({target.dialect} dialect, input {list(shape)})")
         try:
-            model = onnx.load(str(path))  # parsed from the file: no bytes copy held next to the model
+            # parsed from the file and dropped once converted: no bytes copy held next to the model
+            conv = convert_file(path, target.dialect, shape, name=name)
         except FileNotFoundError:
             raise StageFailed(f"{source.file}: the ONNX artifact is missing (stage {source.stage})") from None
-        except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
-            raise StageFailed(f"{source.file}: not a readable ONNX model: {str(exc).splitlines()[0]}") from None
-        ctx.log(f"converting {source.file} to Caffe ({target.dialect} dialect, input {list(shape)})")
-        conv = convert_detailed(model, target.dialect, shape, name=name)
         record = {"dialect": target.dialect, "converter": CONVERTER_VERSION, "layers": conv.layer_count,
                   "layer_types": conv.layer_types, "input_shape": list(conv.input_shape),
                   "output_shape": list(conv.output_shape)}

@@ -20,6 +20,7 @@ from ..backends.base import Runner, run_batched
 from ..compare import FP32_TOLERANCE, TOLERANCE_KEYS, compare
 from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
+from ..sources import ModelSource
 from . import ArtifactRef
 from .load import model_from, release_model
 
@@ -96,16 +97,16 @@ def features_file_name(model_name: str, check: str) -> str:
     return f"{model_name}.parity.{check}.npz"
 
 
-def reference_features(ctx: StageContext, lm: LoadedManifest, cfg: dict[str, Any], batch: np.ndarray,
+def reference_features(ctx: StageContext, source: ModelSource, batch: np.ndarray,
                        batch_size: int) -> np.ndarray:
     """The PyTorch model's features on the parity images (one pass per run, shared by every check)."""
     from ..backends.torch import TorchRunner
 
-    with TorchRunner(model_from(ctx, lm, cfg)) as runner:
+    with TorchRunner(model_from(ctx, source)) as runner:
         return run_batched(runner, batch, batch_size, lambda d, t: ctx.progress("PyTorch reference images", d, t))
 
 
-def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, check: ParityCheck,
+def parity_stage(lm: LoadedManifest, source: ModelSource, load: ArtifactRef, check: ParityCheck,
                  images: list[Path]) -> Stage:
     parity = lm.model.parity
     assert parity is not None
@@ -122,7 +123,7 @@ def parity_stage(lm: LoadedManifest, cfg: dict[str, Any], load: ArtifactRef, che
 
         batch = ctx.cached("parity_images", lambda: load_images(images, inp.height, inp.width, inp.color,
                                                                 inp.interpolation))
-        raw_ref = ctx.cached("parity_reference", lambda: reference_features(ctx, lm, cfg, batch, parity.batch_size))
+        raw_ref = ctx.cached("parity_reference", lambda: reference_features(ctx, source, batch, parity.batch_size))
         release_model(ctx)  # every parity check shares the one reference pass above
         reference = apply_transforms(raw_ref, check.output_transforms)
         with check.make_runner(ctx) as runner:  # closed after the last batch: sessions and engines go now

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..backends.base import Runner
     from ..manifest import LoadedManifest
     from ..pipeline import Stage, StageContext
+    from ..sources import ModelSource
     from ..stages import ArtifactRef
 
 # a runner factory gets a resolver from artifact file name to path (the run's output folder, a lock's, ...)
@@ -72,7 +73,7 @@ class Build:
     """
 
     lm: LoadedManifest
-    cfg: dict[str, Any]  # the model source's config, threaded to the parity stages
+    source: ModelSource  # where the reference PyTorch model comes from (export and parity ask it)
     load: ArtifactRef
     images: Optional[list[Path]]  # the parity images (None without a parity section)
     probe_paths: Optional[list[Path]]  # the self-check images of ONNX-writing stages
@@ -116,7 +117,7 @@ class Build:
 
         check = ParityCheck(name, b.artifacts, make_runner, self.profile(b.precision),
                             available=b.available, output_transforms=b.output_transforms)
-        self.stages.append(parity_stage(self.lm, self.cfg, self.load, check, self.images))
+        self.stages.append(parity_stage(self.lm, self.source, self.load, check, self.images))
 
     def profile(self, precision: str) -> dict[str, Any]:
         """Default tolerances for a check of ``precision``: fp32 from the manifest's parity section."""

@@ -42,7 +42,6 @@ def caffe_available() -> Optional[str]:
 
 def contribute(build: Build, target: CaffeTarget) -> None:
     """Convert the simplified ONNX (before ONNX-only patches), then apply the Caffe patches."""
-    from ..patches import output_transforms
     from ..stages import output_ref
     from ..stages.caffe import caffe_stage
     from ..stages.patch import patch_stage
@@ -54,6 +53,8 @@ def contribute(build: Build, target: CaffeTarget) -> None:
     transforms: list[str] = []
     caffe_patches = patch_files(build.lm, target.patches, "caffe")
     if caffe_patches:
+        from ..patches import output_transforms  # the patch language's models: only when there are patches
+
         out = [f"{m.name}.patched.prototxt", f"{m.name}.patched.caffemodel"]
         st = build.add(patch_stage("caffe", caffe_patches, [proto, model], out, m.name, dialect=target.dialect,
                                    check_input_shape=(target.batch_size, 3, h, w)))

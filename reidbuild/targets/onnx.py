@@ -54,7 +54,7 @@ def contribute(build: Build, target: OnnxTarget) -> None:
     chain = ["export"] + (["simplify"] if target.simplify else []) + (["patch"] if onnx_patches else [])
     files = {"export": f"{name}.export.onnx", "simplify": f"{name}.sim.onnx", "patch": f"{name}.onnx"}
     files[chain[-1]] = f"{name}.onnx"
-    ref = output_ref(build.add(export_stage(lm, build.cfg, build.load, files["export"], build.probe_paths)))
+    ref = output_ref(build.add(export_stage(lm, build.source, build.load, files["export"], build.probe_paths)))
     if target.simplify:
         ref = output_ref(build.add(simplify_stage(lm, ref, files["simplify"], build.probe_paths)))
     build.provide("onnx.graph", Artifact(ref))  # the single source for Caffe: before ONNX-only patches

@@ -165,3 +165,26 @@ def test_prototxt_parses_with_its_own_dialect_schema():
     with pytest.raises(text_format.ParseError, match="ceil_mode"):
         S.parse_prototxt(texts["ceil_mode"], "bvlc")
     assert '"Slice"' in texts["bvlc"] and '"Slice"' not in texts["ceil_mode"]
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_streamed_caffemodel_is_the_whole_message_serialized(dialect, tmp_path):
+    """The .caffemodel written layer by layer (to hold one copy of the weights, not two) has exactly the bytes
+    of the one NetParameter message serialized deterministically; convert_file gives what convert gives."""
+    from reidbuild.caffe.convert import build_net, caffemodel_bytes, convert_file, to_messages
+
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    model = export(module, (1, 3, 8, 4))
+    net = build_net(model, dialect, (1, 3, 8, 4))
+    _, weights = to_messages(net, dialect, "m")
+    whole = S.net_to_binary(weights)
+    assert len(weights.layer) == 3 and caffemodel_bytes(net, dialect, "m") == whole
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    c = convert_file(path, dialect, (1, 3, 8, 4), name="m")
+    assert (c.prototxt, c.caffemodel) == convert(model, dialect, (1, 3, 8, 4), name="m")
+    assert c.caffemodel == whole
+    path.write_bytes(b"not an onnx model")
+    with pytest.raises(StageFailed, match="m.onnx: not a readable ONNX model"):
+        convert_file(path, dialect, (1, 3, 8, 4))
