@@ -225,6 +225,7 @@ def apply(manifests: tuple[str, ...], as_json: bool, locked: bool, skip_unavaila
         _apply_fleet(fleet.expand_manifests(list(manifests)), opts, as_json, jobs, ray_address)
         return
     from .console import EventPrinter
+    from .provenance import public_url
 
     t0 = time.perf_counter()
     emit = EventPrinter(quiet, as_json)
@@ -239,6 +240,9 @@ def apply(manifests: tuple[str, ...], as_json: bool, locked: bool, skip_unavaila
         restored = f"{len(res.restored)} restored from cache, " if res.restored else ""
         click.echo(f"ran {len(res.ran)} stage(s), {restored}{len(res.cached)} up to date, "
                    f"{len(res.skipped)} skipped in {total:.1f} s; lock: {res.lock}")
+        if res.restored:
+            click.echo(f"restored from cache {public_url(cache_url)}: {', '.join(res.restored)} "
+                       f"(each artifact's origin: {res.provenance or 'not recorded'})")
     report = _report_path(Path(res.lock))
     if report is not None and not as_json:
         click.echo(f"report: {report}")
@@ -300,15 +304,24 @@ def _report_path(lock_path: Path) -> Path | None:
 @click.option("--rebuild", is_flag=True,
               help="Rebuild every stage in a scratch folder and classify each artifact: identical, equivalent "
                    "or different.")
+@click.option("--cache", "cache_url", envvar="REIDBUILD_CACHE", metavar="URL",
+              help="With --rebuild: audit the shared cache (its entries must hold what this rebuild made); "
+                   "env REIDBUILD_CACHE.")
+@click.option("--trust-cache", is_flag=True,
+              help="With --rebuild and --cache: restore stages the cache holds instead of rebuilding them "
+                   "(proves only that the cache holds what the lock names).")
 @QUIET
 @_guard
-def verify(manifest: str, as_json: bool, rebuild: bool, quiet: bool) -> None:
+def verify(manifest: str, as_json: bool, rebuild: bool, cache_url: str | None, trust_cache: bool,
+           quiet: bool) -> None:
     """Re-hash artifacts and inputs against the lock (exit 1 on any difference)."""
     from .manifest import load_manifest
     from .verify import verify_lock
 
+    if trust_cache and not (rebuild and cache_url):
+        raise click.UsageError("--trust-cache needs --rebuild and a cache (--cache URL or REIDBUILD_CACHE)")
     if rebuild:
-        _verify_rebuild(manifest, as_json, quiet)
+        _verify_rebuild(manifest, as_json, quiet, cache_url or None, trust_cache)
         return
     lm = load_manifest(Path(manifest))
     report = verify_lock(lm)
@@ -324,12 +337,18 @@ def verify(manifest: str, as_json: bool, rebuild: bool, quiet: bool) -> None:
         click.echo(f"verified {report.checked} files against {lm.lock_path.name}")
 
 
-def _verify_rebuild(manifest: str, as_json: bool, quiet: bool) -> None:
+def _verify_rebuild(manifest: str, as_json: bool, quiet: bool, cache_url: str | None, trust_cache: bool) -> None:
+    """Rebuild into a scratch folder; a cache is audited, or (``trust_cache``) restored from, never pushed to."""
     from .console import EventPrinter
     from .rebuild import rebuild
 
     lm, stages = _load(manifest)
-    report = rebuild(lm, stages, EventPrinter(quiet, as_json))
+    store = None
+    if cache_url:
+        from .cache import open_store
+
+        store = open_store(cache_url, push=False)
+    report = rebuild(lm, stages, EventPrinter(quiet, as_json), store=store, trust_cache=trust_cache)
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -339,8 +358,11 @@ def _verify_rebuild(manifest: str, as_json: bool, quiet: bool) -> None:
     if first is not None:
         raise CheckFailed(f"verify --rebuild: stage {first.stage} is the first whose output differs: "
                           f"{first.file}: {first.detail}")
+    if report.cache_mismatches:
+        raise CheckFailed(f"verify --rebuild: the cache holds other bytes than this rebuild for "
+                          f"{len(report.cache_mismatches)} stage(s): {report.cache_mismatches[0]}")
     if not as_json:
-        click.echo(f"verify --rebuild: {len(report.verdicts)} artifact(s) reproduced (identical or equivalent)")
+        click.echo(report.summary())
 
 
 @main.command()

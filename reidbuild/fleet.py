@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import pipeline
-from .errors import InputError, classify
+from .errors import InputError, ReidbuildError, classify
+from .provenance import OriginTracker, write_run_record
 
 if TYPE_CHECKING:  # process pools are imported where used: a single apply (a no-op above all) needs none
     import concurrent.futures as cf
@@ -52,6 +53,7 @@ class ManifestResult:
     cache_problems: list[str] = field(default_factory=list)
     placement: dict[str, str] = field(default_factory=dict)  # stage -> Ray node id (with --ray)
     lock: str = ""
+    provenance: str = ""  # the run record: where each artifact in the output folder came from
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -97,16 +99,32 @@ def apply_manifest(path: Path, opts: ApplyOptions, emit: Emit,
     stages = assemble(lm).stages
     out_dir = ensure_dir(lm.output_dir)
     store = open_cache(opts)
+    tracker = OriginTracker(emit)
+    record: Optional[Path] = None
     with run_lock(out_dir, opts.wait, on_wait=on_wait):
-        outcome = pipeline.run(stages, lock_path=lm.lock_path, output_dir=out_dir, base=lm.base, emit=emit,
-                               manifest_entry={"path": lm.path.name, "sha256": lm.sha256},
-                               locked=opts.locked, skip_unavailable=opts.skip_unavailable, force=opts.force,
-                               store=store, runner=runner)
+        try:
+            outcome = pipeline.run(stages, lock_path=lm.lock_path, output_dir=out_dir, base=lm.base, emit=tracker,
+                                   manifest_entry={"path": lm.path.name, "sha256": lm.sha256},
+                                   locked=opts.locked, skip_unavailable=opts.skip_unavailable, force=opts.force,
+                                   store=store, runner=runner)
+        finally:  # also after a failed stage: what was committed before it has an origin too
+            record = _record_provenance(out_dir, lm.lock_path, tracker, opts, store, runner)
     return ManifestResult(str(path), ran=outcome.ran, restored=outcome.restored, cached=outcome.cached,
                           skipped=outcome.skipped, failed=outcome.failed, drift=outcome.drift,
                           timings={k: round(v, 3) for k, v in outcome.timings.items()},
                           cache_problems=list(store.problems) if store is not None else [],
-                          lock=str(lm.lock_path))
+                          lock=str(lm.lock_path), provenance=str(record) if record else "")
+
+
+def _record_provenance(out_dir: Path, lock_path: Path, tracker: OriginTracker, opts: ApplyOptions, store: Any,
+                       runner: Optional[pipeline.StageRunner]) -> Optional[Path]:
+    """Write the run record (informational: a folder that refuses it, or a lock that cannot be read - the run's
+    own error says why - does not fail the build it describes or hide that error)."""
+    try:
+        return write_run_record(out_dir, lock_path, tracker, opts.cache,
+                                getattr(store, "restored_from", {}), getattr(runner, "placement", {}))
+    except (OSError, ReidbuildError):
+        return None
 
 
 def settle(result: ManifestResult) -> ManifestResult:
@@ -143,9 +161,23 @@ def run_fleet(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], E
 
     # spawn, not fork: a forked copy of a process that already imported torch/onnxruntime threads can hang
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=share_cores,
+                                initargs=(jobs,)) as pool:
         futures = [pool.submit(apply_one_safely, p, opts, emit_for(label(p))) for p in paths]
         return [_result_of(f, p) for f, p in zip(futures, paths)]
+
+
+def threads_per_job(jobs: int) -> int:
+    """This machine's usable cores divided among ``jobs`` builds (at least one thread each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
+def share_cores(jobs: int) -> None:
+    """Worker-process initializer: each build gets its share of the cores instead of one thread per core
+    (N jobs x all cores oversubscribes the CPUs: threads then wait on each other's time slices). PyTorch reads
+    OMP_NUM_THREADS when it starts, onnxruntime through ``session_options``; a value the user set stays."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_job(jobs)))
 
 
 def _result_of(future: "cf.Future[ManifestResult]", path: Path) -> ManifestResult:

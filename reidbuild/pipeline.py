@@ -522,17 +522,29 @@ class CheckLock:
 
 # ------------------------------------------------------------------------------------------------- run
 
+def _restore(stage: Stage, fp: str, store: ResultStore,
+             emit: Callable[[Event], None]) -> tuple[Optional[StageResult], Optional[str]]:
+    """The stage's result from the shared cache (None when it does not hold this action), and the action key."""
+    key = store.action_key(stage, fp)
+    return (store.restore(stage, key, emit) if key is not None else None), key
+
 
 def _restore_or_run(stage: Stage, fp: str, reasons: list[str], ctx: StageContext,
                     committed: dict[str, dict[str, Any]], store: Optional[ResultStore], runner: StageRunner,
-                    emit: Callable[[Event], None], may_restore: bool) -> tuple[StageResult, Optional[str], bool]:
+                    emit: Callable[[Event], None], may_restore: bool,
+                    asked: tuple[Optional[StageResult], Optional[str]] = (None, None),
+                    ) -> tuple[StageResult, Optional[str], bool]:
     """The stage's result from the shared cache when it holds this action (and ``may_restore``: not with
-    --force, which means "prove it again here"), else from running it.
+    --force, which means "prove it again here"; ``asked``: what the cache already answered), else from running it.
 
     Returns (result, action key or None, restored?).
     """
-    key = store.action_key(stage, fp) if store is not None else None
-    if store is not None and key is not None and may_restore:
+    early, key = asked
+    if early is not None:
+        return early, key, True
+    if key is None and store is not None:
+        key = store.action_key(stage, fp)
+    if key is not None and may_restore and store is not None:
         restored = store.restore(stage, key, emit)
         if restored is not None:
             return restored, key, True
@@ -593,6 +605,9 @@ class Decision:
     verdict: Literal["skip", "cached", "unavailable", "run"]
     plan: Optional[StagePlan]  # None: skipped because an upstream stage was (never evaluated)
     why: str = ""  # skip / unavailable: the reason
+    # the shared cache asked before probing for tools (result or None, action key), and when it was asked
+    asked: tuple[Optional[StageResult], Optional[str]] = (None, None)
+    asked_at: float = 0.0
 
 
 @dataclass
@@ -639,12 +654,13 @@ class _Loop:
                                            "as skipped)")
             return False
         elif d.plan is not None:
-            done = self.execute(stage, d.plan)
+            done = self.execute(stage, d.plan, d)
             if done is not None:
                 self.commit(stage, d.plan, done)
                 failed, restored, seconds = done.result.failed, done.restored, done.seconds
                 del done  # the artifacts are on disk: do not hold their bytes while the next stage runs
-                release_memory()
+                if not restored:  # a restore built no model or graph; a full collection would only cost time
+                    release_memory()
                 self.report(stage, failed, restored, seconds)
         return True
 
@@ -658,11 +674,21 @@ class _Loop:
         plan = self.planner.evaluate(stage, self.outputs, force=self.force)
         if self.planner.up_to_date(plan) is not None:
             return Decision("cached", plan)
-        why_not = self.runner.unavailable(stage)
+        asked_at = time.perf_counter()
+        # a stage the cache holds needs no tool here: ask it before probing for one (e.g. importing pycaffe)
+        asked = (_restore(stage, plan.fingerprint, self.store, self.emit)
+                 if self.store is not None and self.asks_cache_first() and plan.fingerprint is not None
+                 else (None, None))
+        why_not = None if asked[0] is not None else self.runner.unavailable(stage)
         self.mode.admit(plan, skipping=bool(why_not) and self.skip_unavailable)
         if why_not:
             return Decision("skip" if self.skip_unavailable else "unavailable", plan, why_not)
-        return Decision("run", plan)
+        return Decision("run", plan, asked=asked, asked_at=asked_at)
+
+    def asks_cache_first(self) -> bool:
+        """Whether a stale stage's result is looked up in the shared cache before its tools are probed: not
+        with --force ("prove it again here") nor --locked (a check that restores nothing before the probe)."""
+        return self.store is not None and not self.force and self.mode.pushes
 
     def skip(self, stage: Stage, d: Decision) -> None:
         """Record a skipped stage; one skipped for its upstream is only kept in memory until the next write."""
@@ -675,10 +701,10 @@ class _Loop:
         else:
             self.mode.record(stage.name, rec)
 
-    def execute(self, stage: Stage, plan: StagePlan) -> Optional[Executed]:
+    def execute(self, stage: Stage, plan: StagePlan, d: Decision) -> Optional[Executed]:
         """Restore or run the stage; None when its format cannot express the model (recorded ``refused``)."""
         assert plan.fingerprint is not None  # every dep was committed, or was skipped and skipped this stage
-        t0 = time.perf_counter()
+        t0 = d.asked_at if d.asked[0] is not None else time.perf_counter()
         name = stage.name
         ctx = StageContext(self.output_dir, self.cache, lambda msg: self.emit(Event("log", name, msg)), plan.inputs,
                            progress=lambda what, d, t: self.emit(Event("progress", name, what, 0.0, d, t)),
@@ -686,7 +712,9 @@ class _Loop:
         committed = {f: e for d in stage.deps for f, e in self.outputs.get(d, {}).items()}
         try:
             result, key, restored = _restore_or_run(stage, plan.fingerprint, plan.reasons, ctx, committed,
-                                                    self.store, self.runner, self.emit, may_restore=not self.force)
+                                                    self.store, self.runner, self.emit,
+                                                    may_restore=not (self.force or self.asks_cache_first()),
+                                                    asked=d.asked)
         except NotExpressible as exc:
             # the target format cannot express this model: other targets of the manifest still build
             self.refused[name] = exc

@@ -143,16 +143,16 @@ class RayRunner:
 def run_on_ray(paths: list[Path], opts: ApplyOptions, emit_for: Callable[[str], Emit],
                address: str) -> list[ManifestResult]:
     """Connect to the cluster and build every manifest, each driven from its own thread."""
-    if not opts.cache:
+    cache = opts.cache
+    if not cache:
         raise InputError("--ray needs --cache URL (or REIDBUILD_CACHE): a cache every node can reach carries "
                          "the artifacts between nodes")
-    cache_url = opts.cache
     ray = import_ray()
     ray.init(address=None if address == "local" else address, logging_level="WARNING",
              log_to_driver=False, ignore_reinit_error=True)
     try:
         def one(p: Path) -> ManifestResult:
-            runner = RayRunner(ray, p, _ray_store(cache_url))
+            runner = RayRunner(ray, p, _ray_store(cache))
             result = apply_one_safely(p, opts, emit_for(label(p)), runner)
             result.placement = dict(runner.placement)
             return result

@@ -5,6 +5,11 @@ TensorRT engine or the HTML report, whose own equivalence test passes against th
 **different** (with the first differing tensor, line or byte). The rebuild runs the ordinary pipeline with
 ``force`` into a temporary folder outside the output folder, from a copy of the lock, so nothing the user
 owns is written. Stages this machine cannot run are reported as not rebuilt (not a failure).
+
+A shared cache is not trusted by default: it is **audited** (each action entry for a stage rebuilt here must
+name the bytes the rebuild made; anything else was planted, or built by something the key does not cover).
+With ``trust_cache`` the rebuild restores what the cache holds: such an artifact is **restored**, which proves
+only that the cache holds the bytes the lock names for that fingerprint, not that they rebuild.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from .errors import CheckFailed
 from .fsutil import HashCache
 
 IDENTICAL, EQUIVALENT, DIFFERENT, NOT_REBUILT = "identical", "equivalent", "different", "not rebuilt"
+RESTORED = "restored"  # taken from a trusted cache: matches the lock, but was not rebuilt here
+KINDS = (IDENTICAL, EQUIVALENT, RESTORED, DIFFERENT, NOT_REBUILT)
 
 
 @dataclass
@@ -32,6 +39,8 @@ class Verdict:
 @dataclass
 class RebuildReport:
     verdicts: list[Verdict] = field(default_factory=list)
+    cache_checked: int = 0  # stages rebuilt here whose cache entry was compared with the rebuild
+    cache_mismatches: list[str] = field(default_factory=list)  # entries holding other bytes than the rebuild
 
     @property
     def first_different(self) -> Optional[Verdict]:
@@ -39,22 +48,40 @@ class RebuildReport:
 
     @property
     def ok(self) -> bool:
-        return self.first_different is None
+        return self.first_different is None and not self.cache_mismatches
+
+    def count(self, kind: str) -> int:
+        return sum(v.verdict == kind for v in self.verdicts)
 
     def to_dict(self) -> dict[str, Any]:
         first = self.first_different
         return {"ok": self.ok, "artifacts": [asdict(v) for v in self.verdicts],
                 "first_different_stage": first.stage if first else None,
-                "counts": {k: sum(v.verdict == k for v in self.verdicts)
-                           for k in (IDENTICAL, EQUIVALENT, DIFFERENT, NOT_REBUILT)}}
+                "counts": {k: self.count(k) for k in KINDS},
+                "cache_audit": {"checked": self.cache_checked, "mismatches": self.cache_mismatches}}
 
     def lines(self) -> list[str]:
-        return [f"{v.verdict:<11} {v.stage:<20} {v.file}" + (f"  ({v.detail})" if v.detail else "")
-                for v in self.verdicts]
+        return ([f"{v.verdict:<11} {v.stage:<20} {v.file}" + (f"  ({v.detail})" if v.detail else "")
+                 for v in self.verdicts] + [f"CACHE MISMATCH {m}" for m in self.cache_mismatches])
+
+    def summary(self) -> str:
+        """The closing line: what was reproduced here, and what only came from the cache."""
+        text = (f"verify --rebuild: {self.count(IDENTICAL) + self.count(EQUIVALENT)} artifact(s) reproduced "
+                "(identical or equivalent)")
+        if self.count(RESTORED):
+            text += (f", {self.count(RESTORED)} restored from the cache (not rebuilt: this shows only that the "
+                     "cache holds what the lock names)")
+        if self.cache_checked:
+            text += f"; the cache agrees for all {self.cache_checked} stage(s) it holds"
+        return text
 
 
-def rebuild(lm: Any, stages: list[pipeline.Stage], emit: Callable[[pipeline.Event], None]) -> RebuildReport:
-    """Rebuild ``stages`` of manifest ``lm`` into a scratch folder and classify every locked artifact."""
+def rebuild(lm: Any, stages: list[pipeline.Stage], emit: Callable[[pipeline.Event], None],
+            store: Optional[Any] = None, trust_cache: bool = False) -> RebuildReport:
+    """Rebuild ``stages`` of manifest ``lm`` into a scratch folder and classify every locked artifact.
+
+    ``store`` (a ``reidbuild.cache.Store`` opened without push) is audited, or restored from with
+    ``trust_cache``."""
     lock = lockfile.read(lm.lock_path)
     if lock is None:
         raise CheckFailed(f"{lm.lock_path}: no lock file; run `reidbuild apply {lm.path.name}` first")
@@ -62,14 +89,44 @@ def rebuild(lm: Any, stages: list[pipeline.Stage], emit: Callable[[pipeline.Even
         scratch_lock = Path(tmp) / lm.lock_path.name
         shutil.copyfile(lm.lock_path, scratch_lock)
         scratch = Path(tmp) / "out"
+        # trusting the cache: every stage is stale in the empty scratch folder, so no --force (which never restores)
         outcome = pipeline.run(stages, lock_path=scratch_lock, manifest_entry=lock.manifest, output_dir=scratch,
-                               base=lm.base, emit=emit, skip_unavailable=True, force=True)
-        return classify(stages, lock, outcome.lock, lm.output_dir, scratch)
+                               base=lm.base, emit=emit, skip_unavailable=True, force=not trust_cache,
+                               store=store if trust_cache else None)
+        report = classify(stages, lock, outcome.lock, lm.output_dir, scratch, restored=set(outcome.restored))
+    if store is not None:
+        audit_cache(report, [s for s in stages if s.name in outcome.ran], outcome.lock, store, emit)
+    return report
+
+
+def audit_cache(report: RebuildReport, rebuilt: list[pipeline.Stage], lock: lockfile.Lock, store: Any,
+                emit: Callable[[pipeline.Event], None]) -> None:
+    """Compare the cache's entry for each reproducible stage rebuilt here with the rebuild's own bytes.
+
+    This is what the integrity check on blobs cannot do: an entry pushed by someone who could write to the
+    cache names blobs that are intact but are not what this fingerprint builds."""
+    for stage in rebuilt:
+        rec = lock.stages.get(stage.name)
+        if not stage.reproducible or rec is None or rec.status != "ok":
+            continue
+        key = store.action_key(stage, rec.fingerprint)
+        entry = store.read_entry(key, emit) if key is not None else None
+        if entry is None:
+            continue
+        report.cache_checked += 1
+        held = {f: e.get("sha256") if isinstance(e, dict) else None for f, e in entry["outputs"].items()}
+        made = {f: e["sha256"] for f, e in rec.outputs.items()}
+        for fname in sorted(set(held) | set(made)):
+            if held.get(fname) != made.get(fname):
+                report.cache_mismatches.append(
+                    f"stage {stage.name}: {fname}: the cache's entry {key[:12]} names "
+                    f"{str(held.get(fname))[:12]}, this rebuild made {str(made.get(fname))[:12]} (planted, or "
+                    "built with something the key does not cover)")
 
 
 def classify(stages: list[pipeline.Stage], lock: lockfile.Lock, rebuilt: lockfile.Lock, out_dir: Path,
-             scratch: Path) -> RebuildReport:
-    """One verdict per artifact of every stage, in build order."""
+             scratch: Path, restored: frozenset[str] | set[str] = frozenset()) -> RebuildReport:
+    """One verdict per artifact of every stage, in build order (``restored``: stages taken from the cache)."""
     report = RebuildReport()
     hashes = HashCache()
     for stage in stages:
@@ -88,6 +145,8 @@ def classify(stages: list[pipeline.Stage], lock: lockfile.Lock, rebuilt: lockfil
             v = _artifact_verdict(stage, fname, old, out_dir, scratch, hashes, equivalence)
             if stage_why and v.verdict != DIFFERENT:
                 v = Verdict(stage.name, fname, DIFFERENT, stage_why + (f"; bytes {v.verdict}" if v.verdict else ""))
+            elif stage.name in restored and v.verdict != DIFFERENT:
+                v = Verdict(stage.name, fname, RESTORED, "from the cache, not rebuilt: the cache holds the locked bytes")
             report.verdicts.append(v)
         if not stage.outputs and stage_why:
             report.verdicts.append(Verdict(stage.name, files[0], DIFFERENT, stage_why))

@@ -39,8 +39,9 @@ def available(runtime: str = "auto") -> Optional[str]:
     """None when ``runtime`` can run here, else one line saying why not and how to install it."""
     if runtime not in RUNTIMES:
         return f"unknown Caffe runtime {runtime!r} (expected one of {', '.join(RUNTIMES)})"
-    if runtime == "auto":
-        why_py, why_cv = available("pycaffe"), available("opencv")
+    if runtime == "auto":  # each probe is an import: OpenCV is tried only when pycaffe is missing
+        why_py = available("pycaffe")
+        why_cv = available("opencv") if why_py is not None else None
         if why_py is None or why_cv is None:
             return None
         return f"no Caffe runtime: {why_py}; or {why_cv}"

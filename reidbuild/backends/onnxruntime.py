@@ -1,6 +1,7 @@
 """onnxruntime (CPU) runner for ONNX artifacts, including fp16 and Q/DQ int8 graphs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -11,11 +12,16 @@ from .base import Lifecycle
 
 
 def session_options() -> Any:
-    """CPU session settings: no busy-spinning threads (spinning wrecked latency under load on 2 cores)."""
+    """CPU session settings: no busy-spinning threads (spinning wrecked latency under load on 2 cores), and
+    as many threads as ``OMP_NUM_THREADS`` allows, like PyTorch (onnxruntime ignores that variable itself, so
+    parallel builds - ``apply --jobs``, Ray tasks - would otherwise each start one thread per core)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
     return so
 

@@ -74,6 +74,8 @@ class Store:
         self.down: Optional[str] = None  # why the cache was given up on for this run
         self.problems: list[str] = []  # what went wrong, for the run's summary
         self._bad_blobs: set[str] = set()
+        # stage -> the entry it was restored from in this run (key, when it was pushed), for the run record
+        self.restored_from: dict[str, dict[str, Any]] = {}
         self.why_required = "--cache-required was given"
         self._local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
@@ -115,10 +117,12 @@ class Store:
 
     def action_key(self, stage: Stage, fingerprint: str) -> Optional[str]:
         """The cache key of this stage's result; None when it cannot be shared (a non-reproducible stage
-        whose environment cannot be read here)."""
+        whose environment cannot be read here: a TensorRT engine's raises without TensorRT or a GPU). The
+        stage's own availability probe is not asked: it may import the tool (pycaffe for a Caffe parity
+        check), which a restore does not need."""
         env: Optional[dict[str, Any]] = None
         if not stage.reproducible:
-            if stage.environment is None or (stage.available is not None and stage.available()):
+            if stage.environment is None:
                 return None
             try:
                 env = stage.environment()
@@ -181,6 +185,7 @@ class Store:
         if data is None:
             return None
         built = entry.get("seconds")
+        self.restored_from[stage.name] = {"key": key, "pushed": entry.get("pushed")}
         return StageResult(outputs=data, record=dict(entry["record"]),
                            sha256={f: e["sha256"] for f, e in files.items()},
                            seconds=float(built) if isinstance(built, (int, float)) and built >= 0 else None)

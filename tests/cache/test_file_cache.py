@@ -1,9 +1,12 @@
 """The shared cache on a folder (file://): restore instead of build, integrity, concurrent pushes, gc and ls."""
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,12 +15,27 @@ from click.testing import CliRunner
 from reidbuild.cache import open_store
 from reidbuild.cli import main
 from reidbuild.pipeline import Stage, StageResult, run
+from reidbuild.provenance import RUN_RECORD, OriginTracker, origins, public_url, write_run_record
 from tests.helpers import tiny_manifest, tree
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> tuple[int, str, str]:
     r = CliRunner().invoke(main, list(args), catch_exceptions=False)
     return r.exit_code, r.stdout, r.stderr
+
+
+def apply_in_fresh_process(*args: str) -> tuple[int, str, str, list[str]]:
+    """`reidbuild apply` in a new interpreter; also returns which of torch, onnx and onnxruntime it imported."""
+    code = ("import runpy, sys\nsys.argv = ['reidbuild', 'apply'] + sys.argv[1:]\ntry:\n"
+            "    runpy.run_module('reidbuild.cli', run_name='__main__')\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('HEAVY', [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules], file=sys.stderr)\n"
+            "sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    heavy = next(line for line in r.stderr.splitlines() if line.startswith("HEAVY "))[6:]
+    return r.returncode, r.stdout, r.stderr, ast.literal_eval(heavy)
 
 
 TRT = """\
@@ -34,8 +52,9 @@ def test_second_clone_restores_everything_byte_identical(tmp_path):
     built = json.loads(out)
     assert built["ran"] == ["load", "onnx.export", "onnx.simplify", "parity.onnxruntime", "report"]
     assert not built["restored"]
-    code, out, err = cli("apply", str(second), "--cache", cache, "--skip-unavailable", "--json")
+    code, out, err, heavy = apply_in_fresh_process(str(second), "--cache", cache, "--skip-unavailable", "--json")
     assert code == 0, err
+    assert heavy == [], "a restore needs none of the model libraries"
     again = json.loads(out)
     assert again["ran"] == [] and again["restored"] == built["ran"]
     assert not [e for e in again["events"] if e["kind"] == "start"], "a stage ran instead of being restored"
@@ -44,10 +63,25 @@ def test_second_clone_restores_everything_byte_identical(tmp_path):
     assert tree(tmp_path / "a" / "out") == tree(tmp_path / "b" / "out")
     # byte-identical locks: a restore records the builder's run times, so the restored report matches too
     assert (tmp_path / "a" / "m.lock").read_bytes() == (tmp_path / "b" / "m.lock").read_bytes()
-    # the restored clone is a normal up-to-date build: verify passes, a third apply does nothing
+    # ... and the provenance lives in the run record next to the artifacts: built there, restored here
+    assert origins(tmp_path / "a" / "out") == dict.fromkeys(built["ran"], "built")
+    record = json.loads((tmp_path / "b" / "out" / RUN_RECORD).read_text())["stages"]
+    assert again["provenance"] == str(tmp_path / "b" / "out" / RUN_RECORD)
+    entries = {e.stage: e.key for e in open_store(cache).entries()}
+    for stage in built["ran"]:
+        assert record[stage]["origin"] == "restored" and record[stage]["cache"] == cache
+        assert record[stage]["key"] == entries[stage] and record[stage]["pushed"]
+    # the restored clone is a normal up-to-date build: verify passes, a third apply does nothing and keeps
+    # the record of where the bytes came from
     assert cli("verify", str(second))[0] == 0
     code, out, _ = cli("apply", str(second), "--cache", cache, "--skip-unavailable", "--json")
     assert json.loads(out)["cached"] == built["ran"]
+    assert json.loads((tmp_path / "b" / "out" / RUN_RECORD).read_text())["stages"] == record
+    # the text summary says so too
+    (tmp_path / "b" / "out" / "tiny.onnx").unlink()
+    code, out, _ = cli("apply", str(second), "--cache", cache, "--skip-unavailable")
+    assert code == 0 and f"restored from cache {cache}: onnx.simplify (each artifact's origin:" in out
+    assert origins(tmp_path / "b" / "out")["onnx.simplify"] == "restored"
 
 
 # ----------------------------------------------------------------- small stages: fast, exact semantics
@@ -189,3 +223,26 @@ def test_cache_required_and_bad_url(tmp_path):
     m = tiny_manifest(tmp_path)
     code, _, err = cli("apply", str(m), "--cache", "nosuchscheme://x/y")
     assert code == 2 and "--cache nosuchscheme://x/y" in err and "Traceback" not in err
+
+
+def test_run_record_names_each_origin_and_keeps_it_while_the_bytes_stay(tmp_path):
+    url = f"file://{tmp_path / 'cache'}"
+    apply(clone(tmp_path, "a"), url, [])
+    root = clone(tmp_path, "b")
+
+    def go() -> dict:
+        store = open_store(url)
+        tracker = OriginTracker(lambda ev: None)
+        run(stages(root, []), lock_path=root / "m.lock", manifest_entry={"path": "m.yml"}, output_dir=root / "out",
+            base=root, emit=tracker, store=store)
+        path = write_run_record(root / "out", root / "m.lock", tracker, url, store.restored_from, {})
+        return json.loads(path.read_text())["stages"]
+
+    first = go()
+    assert {k: v["origin"] for k, v in first.items()} == {"a": "restored", "b": "restored", "e": "built"}
+    assert first["a"]["key"] == next(e.key for e in open_store(url).entries() if e.stage == "a")
+    assert first["e"]["host"] and "cache" not in first["e"]
+    assert go() == first, "an up-to-date stage keeps the origin of its bytes"
+    (root / "out" / RUN_RECORD).unlink()
+    assert {k: v["origin"] for k, v in go().items()} == dict.fromkeys("abe", "unknown")
+    assert public_url("s3://KEY:SECRET@bucket/team") == "s3://bucket/team" and public_url(url) == url

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from reidbuild.cli import main
 from reidbuild.fleet import ApplyOptions, apply_manifest
 from tests.helpers import stable_lock, tiny_manifest, tree
+from tests.netcheck import listening, not_loopback, session_pids
 
 pytest.importorskip("s3fs", reason="s3fs is the S3 backend of the cache (pip install reidbuild[s3])")
 pytest.importorskip("moto.server", reason="moto[server] provides the local S3 endpoint for this test")
@@ -36,7 +37,7 @@ class S3Endpoint:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -46,11 +47,14 @@ class S3Endpoint:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto server did not start: {log.read_text()[-500:]}") from None
                 time.sleep(0.1)
+        sockets = listening(session_pids({self.proc.pid}))
+        assert sockets and not_loopback(sockets) == [], f"moto's server must listen on loopback only: {sockets}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+        assert session_pids({self.proc.pid}) == set(), "moto's server left processes behind"
 
 
 @pytest.fixture

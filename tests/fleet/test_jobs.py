@@ -58,3 +58,19 @@ def test_ray_needs_a_cache_and_takes_a_manifest_after_the_flag(tmp_path):
     assert r.exit_code == 2 and "--ray needs --cache" in r.stderr and "Traceback" not in r.stderr
     r = CliRunner().invoke(main, ["apply"], catch_exceptions=False)
     assert r.exit_code == 2 and "at least one manifest" in r.stderr
+
+
+def test_each_job_gets_its_share_of_the_cores(monkeypatch):
+    """--jobs N: a worker's PyTorch and onnxruntime threads are cores / N (a value the user set stays)."""
+    from reidbuild.backends.onnxruntime import session_options
+    from reidbuild.fleet import share_cores, threads_per_job
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_job(1) == cores and threads_per_job(cores) == 1 and threads_per_job(4 * cores) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    share_cores(cores)
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert session_options().intra_op_num_threads == 1  # onnxruntime ignores OMP_NUM_THREADS by itself
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    share_cores(cores)
+    assert os.environ["OMP_NUM_THREADS"] == "3" and session_options().intra_op_num_threads == 3

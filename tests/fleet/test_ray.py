@@ -1,5 +1,8 @@
 """Fleet builds on a local Ray cluster started here: a head and a worker that advertises a GPU type.
 
+The cluster listens on loopback only (checked from /proc while it runs, the driver included) and every process
+it started is gone at the end.
+
 Four manifests; CPU stages spread over both nodes; the engine stage of the manifest that asks for
 "NVIDIA A10" is placed only on the worker advertising that resource (no TensorRT here, so it is recorded
 as skipped there: the placement is what is checked); every lock equals a serial build's.
@@ -20,11 +23,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import stable_lock, tiny_manifest
+from tests.netcheck import listening, not_loopback, session_pids
 
 pytest.importorskip("ray", reason="Ray is an optional extra (pip install reidbuild[ray])")
 
 REPO = Path(__file__).resolve().parents[2]
 GPU = "NVIDIA A10"
+# every Ray process and driver of the test: loopback addresses stay loopback (see ray_loopback.py), no usage stats
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def free_port() -> int:
@@ -42,20 +48,24 @@ class LocalCluster:
         self.tmp = Path(tempfile.mkdtemp(prefix="rbray-", dir="/tmp"))
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0",
-                    "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+        self.env = {**os.environ, **LOOPBACK, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
         self.procs: list[subprocess.Popen] = []
         lean = ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(80 * 1024 * 1024),
                 "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--block"]
-        self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "false",
-                             "--temp-dir", str(self.tmp / "t")] + lean)
-        self.wait_nodes(1)
-        self._start("worker", ["--address", self.address, "--resources", json.dumps({GPU: 1})] + lean)
-        self.nodes = self.wait_nodes(2)
+        try:
+            self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "false",
+                                 "--dashboard-host", "127.0.0.1", "--temp-dir", str(self.tmp / "t")] + lean)
+            self.wait_nodes(1)
+            self._start("worker", ["--address", self.address, "--resources", json.dumps({GPU: 1})] + lean)
+            self.nodes = self.wait_nodes(2)
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.tmp / f"{name}.log", "wb")
-        self.procs.append(subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *args], env=self.env,
+        launcher = [sys.executable, str(Path(__file__).with_name("ray_loopback.py"))]
+        self.procs.append(subprocess.Popen([*launcher, "start", *args], env=self.env,
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def wait_nodes(self, n: int, timeout: float = 120) -> list[dict]:
@@ -74,6 +84,10 @@ class LocalCluster:
                                  if (self.tmp / f).exists())
                 raise RuntimeError(f"Ray cluster did not come up: {r.stderr[-800:]}\n{logs}")
             time.sleep(1)
+
+    def processes(self) -> set[int]:
+        """Every process of this cluster still alive (each node's `ray start` runs in a session of its own)."""
+        return session_pids({p.pid for p in self.procs})
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -96,9 +110,11 @@ class LocalCluster:
 def cluster():
     c = LocalCluster()
     try:
+        assert not_loopback(listening(c.processes())) == [], "a Ray process listens beyond loopback"
         yield c
     finally:
         c.stop()
+    assert c.processes() == set(), "Ray processes outlived the test"
 
 
 def projects(root: Path) -> list[Path]:
@@ -114,21 +130,37 @@ def projects(root: Path) -> list[Path]:
     return out
 
 
-def apply(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    # one thread, like the Ray workers (Ray sets OMP_NUM_THREADS to a task's num_cpus): the parity figures in
-    # a lock are float reductions whose last digits depend on the thread count
-    return subprocess.run([sys.executable, "-m", "reidbuild.cli", "apply", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0",
-                                                "OMP_NUM_THREADS": "1"})
+def apply(*args: str, timeout: float = 900, watch: LocalCluster | None = None,
+          exposed: list | None = None) -> subprocess.CompletedProcess:
+    """`reidbuild apply` in a child process. One thread, like the Ray workers (Ray sets OMP_NUM_THREADS to a
+    task's num_cpus): the parity figures in a lock are float reductions whose last digits depend on the thread
+    count. With ``watch``, every half second while it runs, the sockets of the driver and of every process of
+    the cluster (task workers come and go) that listen beyond loopback are added to ``exposed``."""
+    env = {**os.environ, **LOOPBACK, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "reidbuild.cli", "apply", *args], stdout=out, stderr=err,
+                                text=True, env=env)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if watch is not None and exposed is not None:
+                exposed.extend(not_loopback(listening({proc.pid} | watch.processes())))
+            if time.monotonic() > deadline:
+                proc.kill()
+            time.sleep(0.5)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 def test_ray_fleet_places_engine_on_gpu_node_and_matches_serial_locks(cluster, tmp_path):
     fleet, serial = projects(tmp_path / "fleet"), projects(tmp_path / "serial")
     worker = next(n["id"] for n in cluster.nodes if GPU in n["resources"])
     head = next(n["id"] for n in cluster.nodes if GPU not in n["resources"])
+    exposed: list = []
     r = apply(*map(str, fleet), "--ray", cluster.address, "--cache", f"file://{tmp_path / 'cache'}",
-              "--skip-unavailable", "--json")
+              "--skip-unavailable", "--json", watch=cluster, exposed=exposed)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert exposed == [], "the driver or a Ray process listened beyond loopback during the build"
     results = {Path(m["manifest"]).parent.name: m for m in json.loads(r.stdout)["manifests"]}
     assert all(m["exit_code"] == 0 for m in results.values()), r.stdout
     cpu_nodes = set()
