@@ -52,11 +52,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(folder: Path, name: str, data: bytes) -> Path:
+def atomic_write(folder: Path, name: str, data: bytes,
+                 before_replace: Callable[[], None] | None = None) -> Path:
     """Write ``folder/name`` via a fresh temp file (O_EXCL|O_NOFOLLOW), fsync, rename, fsync the folder.
 
     A reader sees the old file or the new one, never a partial one; a symlink planted at ``name`` is
-    replaced, never followed, so nothing is written outside ``folder``.
+    replaced, never followed, so nothing is written outside ``folder``. ``before_replace`` runs between the
+    temp file's fsync and its rename (a named commit point for crash tests).
     """
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"not a plain file name: {name!r}")
@@ -67,6 +69,8 @@ def atomic_write(folder: Path, name: str, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, folder / name)
     except BaseException:
         try:

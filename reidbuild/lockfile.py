@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import yaml
 
@@ -55,8 +55,6 @@ class Lock:
 def plain(obj: Any) -> Any:
     """Round-trip through JSON so only plain types (and stable float text) reach YAML."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -109,11 +107,15 @@ def _check_record(name: str, rec: Any) -> None:
             raise ValueError(f"stage {name}: tools.{tool} must be a version string")
 
 
-def write(path: Path, lock: Lock, unchanged_from: Optional[Lock] = None) -> None:
+def write(path: Path, lock: Lock, unchanged_from: Optional[Lock] = None,
+          on_synced: Optional[Callable[[], None]] = None) -> None:
     """Write the lock atomically; an unchanged lock is left alone (a no-op apply writes nothing).
 
     ``unchanged_from``: the lock as read from ``path`` at the start of the run; when ``lock`` equals it, the
-    file already holds these records and is not even serialised again (PyYAML's emitter is pure Python)."""
+    file already holds these records and is not even serialised again (PyYAML's emitter is pure Python).
+    ``on_synced`` is called once the complete temp file is fsynced, before it replaces the lock (a commit
+    point crash tests stop at).
+    """
     if unchanged_from is not None and lock == unchanged_from and path.is_file() and not path.is_symlink():
         return
     data = lock.to_text().encode()
@@ -122,7 +124,7 @@ def write(path: Path, lock: Lock, unchanged_from: Optional[Lock] = None) -> None
             return
     except OSError:
         pass
-    atomic_write(path.parent, path.name, data)
+    atomic_write(path.parent, path.name, data, before_replace=on_synced)
 
 
 def iter_artifacts(lock: Lock) -> Iterator[tuple[str, str, dict[str, Any]]]:

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterable, Literal, Optional, Protocol
 
 from . import lockfile
 from .errors import CheckFailed, InputError, NotExpressible, ReidbuildError, StageFailed, Unavailable
@@ -113,9 +113,12 @@ class StageContext:
 
 @dataclass
 class StagePlan:
+    """One stage evaluated against the lock: what ``plan`` shows and what ``run`` decides on."""
+
     stage: Stage
     fingerprint: Optional[str]  # None when an upstream stage must run first
-    reasons: list[str]
+    reasons: list[str]  # why it must run; empty: up to date
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> {path, sha256, size}
 
     @property
     def stale(self) -> bool:
@@ -256,23 +259,36 @@ class Planner:
             out.append("tool versions changed: " + ", ".join(f"{k} {rec.tools.get(k)} -> {tools[k]}" for k in changed_t))
         return out
 
+    def evaluate(self, stage: Stage, outputs: dict[str, dict[str, dict[str, Any]]], pending: Iterable[str] = (),
+                 force: bool = False) -> StagePlan:
+        """The one per-stage evaluation ``plan`` and ``run`` share: the stage's inputs, its fingerprint (None
+        while a dependency in ``pending`` must run first or has no ``outputs`` yet) and why it must run
+        (only "--force" with ``force``, which hashes no artifact)."""
+        inputs = self.inputs_of(stage)
+        deps = self.dep_hashes(stage, outputs)
+        up = [d for d in stage.deps if d in pending]
+        fp = None if deps is None or up else self.fingerprint(stage, inputs, deps)
+        reasons = ["--force"] if force else self.check(stage, fp, up or [d for d in stage.deps if d not in outputs])
+        return StagePlan(stage, fp, reasons, inputs)
+
+    def up_to_date(self, plan: StagePlan) -> Optional[dict[str, dict[str, Any]]]:
+        """The locked outputs of a stage that need not run; None when it must."""
+        rec = self.lock.stages.get(plan.stage.name)
+        return None if plan.reasons or rec is None else rec.outputs
+
     def plan(self) -> list[StagePlan]:
         """Dry plan: a stage downstream of a stale one is stale too, since its inputs are not known yet."""
         result: list[StagePlan] = []
         outputs: dict[str, dict[str, dict[str, Any]]] = {}
-        stale_names: list[str] = []
+        stale: list[str] = []
         for stage in self.stages:
-            inputs = self.inputs_of(stage)
-            deps = self.dep_hashes(stage, outputs)
-            up = [d for d in stage.deps if d in stale_names]
-            fp = None if deps is None or up else self.fingerprint(stage, inputs, deps)
-            reasons = self.check(stage, fp, up or [d for d in stage.deps if d not in outputs])
-            result.append(StagePlan(stage, fp, reasons))
-            rec = self.lock.stages.get(stage.name)
-            if reasons or rec is None:
-                stale_names.append(stage.name)
+            plan = self.evaluate(stage, outputs, stale)
+            result.append(plan)
+            done = self.up_to_date(plan)
+            if done is None:
+                stale.append(stage.name)
             else:
-                outputs[stage.name] = rec.outputs
+                outputs[stage.name] = done
         return result
 
 
@@ -337,6 +353,175 @@ class LocalRunner:
         return stage.run(ctx)
 
 
+# --------------------------------------------------------------------------------------- commit points
+
+# Named moments of a run's commit sequence, in order, for a stage that runs (see docs/CONTRACTS.md):
+#   artifact_replaced (stage, file)  one artifact renamed into place; the lock still describes the old one
+#   lock_synced       (stage, lock)  the lock's temp file is complete and fsynced, not yet renamed over the lock
+#   lock_written      (stage, lock)  the lock on disk holds the stage's entry (apply; never with --locked)
+#   stage_done        (stage, "")    the stage is finished (run, restored, cached, skipped or refused); the
+#                                    next one has not started
+# The final lock write after the last stage reports lock_synced/lock_written with stage "".
+COMMIT_POINTS = ("artifact_replaced", "lock_synced", "lock_written", "stage_done")
+CommitHook = Callable[[str, str, str], None]
+_commit_hooks: list[CommitHook] = []
+
+
+def add_commit_hook(hook: CommitHook) -> Callable[[], None]:
+    """Call ``hook(point, stage, file)`` at every commit point; returns the function that removes it.
+
+    Crash tests install one in the process they kill, to die exactly between two durable writes.
+    """
+    _commit_hooks.append(hook)
+    return lambda: _commit_hooks.remove(hook)
+
+
+def commit_point(point: str, stage: str, file: str = "") -> None:
+    """Announce that the run reached ``point`` (one of COMMIT_POINTS) for ``stage``."""
+    for hook in tuple(_commit_hooks):
+        hook(point, stage, file)
+
+
+# ------------------------------------------------------------------------------------------ lock modes
+
+
+def stage_record(stage: Stage, plan: Optional[StagePlan], status: str, record: dict[str, Any],
+                 outputs: Optional[dict[str, dict[str, Any]]] = None,
+                 seconds: Optional[float] = None) -> lockfile.StageRecord:
+    """The lock entry of ``stage``; without a plan (an upstream stage was skipped, so it was never evaluated)
+    it has no fingerprint, inputs or tools."""
+    if plan is None or plan.fingerprint is None:
+        return lockfile.StageRecord(fingerprint="", status=status, params=lockfile.plain(stage.params),
+                                    record=record)
+    return lockfile.StageRecord(fingerprint=plan.fingerprint, status=status, params=lockfile.plain(stage.params),
+                                inputs=plan.inputs, outputs=outputs or {}, record=record,
+                                tools=tool_versions(stage.tools), seconds=seconds)
+
+
+class LockMode(Protocol):
+    """What a run does with the lock: ``WriteLock`` (apply) records every stage and rewrites the lock after
+    each; ``CheckLock`` (apply --locked) writes nothing and owns every comparison with the lock."""
+
+    # a skipped stage skips its dependants even when they take partial deps (the report): --locked writes
+    # nothing, and a partial report would only differ from the locked one
+    propagates_skip: bool
+    pushes: bool  # whether stages that ran are given to the shared cache
+
+    def admit(self, plan: StagePlan, skipping: bool) -> None:
+        """Before a stale stage runs (or is skipped as unavailable when ``skipping``): may refuse the run."""
+
+    def accept(self, stage: Stage, entries: dict[str, dict[str, Any]]) -> None:
+        """Before the rebuilt artifacts (their lock entries) are written: may refuse them."""
+
+    def record(self, name: str, rec: lockfile.StageRecord, write: bool = True) -> None:
+        """Record a stage's entry (and rewrite the lock now when ``write``)."""
+
+    def settle(self) -> None:
+        """After the last stage, success or not: make the lock on disk final."""
+
+    def finish(self, stages: list[Stage], manifest_entry: dict[str, Any]) -> None:
+        """After a complete run: whole-lock checks."""
+
+
+class WriteLock:
+    """apply: every stage's entry goes into the lock, rewritten atomically after each stage."""
+
+    propagates_skip = False
+    pushes = True
+
+    def __init__(self, lock_path: Path, lock: lockfile.Lock, old: Optional[lockfile.Lock]) -> None:
+        self.path = lock_path
+        self.lock = lock
+        self.old = old  # the lock as read at the start: a final lock equal to it is not even serialised again
+
+    def admit(self, plan: StagePlan, skipping: bool) -> None:
+        """Anything may run: apply rewrites the lock to match."""
+
+    def accept(self, stage: Stage, entries: dict[str, dict[str, Any]]) -> None:
+        """Any bytes are accepted: the lock records them."""
+
+    def record(self, name: str, rec: lockfile.StageRecord, write: bool = True) -> None:
+        """Keep the entry; with ``write``, make it durable before the next stage starts (crash safety)."""
+        self.lock.stages[name] = rec
+        if write:
+            self._write(name)
+
+    def settle(self) -> None:
+        """The final write: entries recorded without a write (restored, skipped upstream) reach the disk."""
+        self._write("", unchanged_from=self.old)
+
+    def finish(self, stages: list[Stage], manifest_entry: dict[str, Any]) -> None:
+        """Nothing to check: the lock was just written from this run."""
+
+    def _write(self, stage: str, unchanged_from: Optional[lockfile.Lock] = None) -> None:
+        lockfile.write(self.path, self.lock, unchanged_from=unchanged_from,
+                       on_synced=lambda: commit_point("lock_synced", stage, self.path.name))
+        commit_point("lock_written", stage, self.path.name)
+
+
+class CheckLock:
+    """apply --locked: a CI check that writes nothing and fails (CheckFailed) on the first difference from the
+    lock; each difference is also listed in ``drift``."""
+
+    propagates_skip = True
+    pushes = False
+
+    def __init__(self, lock_path: Path, old: Optional[lockfile.Lock], planner: Planner, drift: list[str]) -> None:
+        if old is None:
+            raise CheckFailed(f"{lock_path}: --locked given but there is no lock file; run apply without "
+                              "--locked first")
+        self.path = lock_path
+        self.old = old
+        self.planner = planner
+        self.drift = drift
+
+    def admit(self, plan: StagePlan, skipping: bool) -> None:
+        """A tampered artifact, or a stage whose fingerprint or tools differ from the lock, fails the check.
+
+        A stage this machine cannot run (TensorRT on a CPU-only CI) is skipped, not compared: its fingerprint
+        includes tool versions that only exist where it can run.
+        """
+        stage, fp = plan.stage, plan.fingerprint
+        tampered = [r for r in plan.reasons if r.startswith("artifact ") and r.endswith(" was modified")]
+        if tampered:
+            self.drift.extend(f"{stage.name}: {r}" for r in tampered)
+            raise CheckFailed(f"{self.path}: --locked: {'; '.join(tampered)} (differs from the lock)")
+        rec = self.old.stages.get(stage.name)
+        if not skipping and (rec is None or rec.fingerprint != fp or tool_drift(rec)):
+            why = "; ".join(self.planner.check(stage, fp, [])) or "fingerprint differs"
+            self.drift.append(f"{stage.name}: {why}")
+            raise CheckFailed(f"{self.path}: --locked: stage {stage.name} differs from the lock ({why})")
+
+    def accept(self, stage: Stage, entries: dict[str, dict[str, Any]]) -> None:
+        """Rebuilt reproducible artifacts must hash as locked; stop at the first stage that differs (later
+        stages would only report the consequence)."""
+        rec = self.old.stages.get(stage.name)
+        diffs = [f for f, e in entries.items()
+                 if stage.reproducible and (rec is None or rec.outputs.get(f, {}).get("sha256") != e["sha256"])]
+        if diffs:
+            self.drift.extend(f"{stage.name}/{f}" for f in diffs)
+            raise CheckFailed(f"{self.path}: --locked: rebuilt artifacts differ from the lock: "
+                              + ", ".join(diffs) + f" (stage {stage.name}; not written)")
+
+    def record(self, name: str, rec: lockfile.StageRecord, write: bool = True) -> None:
+        """Nothing is recorded: the lock stays as it was."""
+
+    def settle(self) -> None:
+        """Nothing is written."""
+
+    def finish(self, stages: list[Stage], manifest_entry: dict[str, Any]) -> None:
+        """The lock must not name stages the manifest dropped, nor an older manifest."""
+        gone = sorted(set(self.old.stages) - {s.name for s in stages})
+        if gone:
+            raise CheckFailed(f"{self.path}: --locked: the lock has stages this manifest no longer builds: "
+                              f"{', '.join(gone)} (run apply to update the lock)")
+        if self.old.manifest.get("sha256") != manifest_entry.get("sha256"):
+            raise CheckFailed(f"{self.path}: --locked: the manifest changed since the lock was written (no "
+                              "artifact is affected; run apply to update the lock)")
+
+
+# ------------------------------------------------------------------------------------------------- run
+
 def _restore(stage: Stage, fp: str, store: ResultStore,
              emit: Callable[[Event], None]) -> tuple[Optional[StageResult], Optional[str]]:
     """The stage's result from the shared cache (None when it does not hold this action), and the action key."""
@@ -371,15 +556,6 @@ def _restore_or_run(stage: Stage, fp: str, reasons: list[str], ctx: StageContext
         raise
     except MemoryError:
         raise StageFailed(f"stage {stage.name}: out of memory") from None
-
-
-def _record_refusal(lock: lockfile.Lock, lock_path: Path, stage: Stage, fp: str, inputs: dict[str, Any],
-                    reason: str) -> None:
-    """Lock entry of a stage whose format cannot express the model: status ``refused`` and the reason."""
-    lock.stages[stage.name] = lockfile.StageRecord(
-        fingerprint=fp, status="refused", params=lockfile.plain(stage.params), inputs=inputs,
-        record={"reason": reason}, tools=tool_versions(stage.tools))
-    lockfile.write(lock_path, lock)
 
 
 def release_memory() -> None:
@@ -422,6 +598,192 @@ def _libc() -> Any:
         return None
 
 
+@dataclass
+class Decision:
+    """What the run does with one stage, decided before anything is executed or written."""
+
+    verdict: Literal["skip", "cached", "unavailable", "run"]
+    plan: Optional[StagePlan]  # None: skipped because an upstream stage was (never evaluated)
+    why: str = ""  # skip / unavailable: the reason
+    # the shared cache asked before probing for tools (result or None, action key), and when it was asked
+    asked: tuple[Optional[StageResult], Optional[str]] = (None, None)
+    asked_at: float = 0.0
+
+
+@dataclass
+class Executed:
+    """A stage's result, restored from the shared cache or run, not yet committed."""
+
+    result: StageResult
+    key: Optional[str]  # the shared-cache action key, if a store is configured
+    restored: bool
+    seconds: float
+
+
+@dataclass
+class _Loop:
+    """One run's state while it walks the stages: decide, then execute, then commit, stage by stage."""
+
+    output_dir: Path
+    base: Path
+    emit: Callable[[Event], None]
+    planner: Planner
+    mode: LockMode
+    outcome: RunOutcome
+    store: Optional[ResultStore]
+    runner: StageRunner
+    force: bool
+    skip_unavailable: bool
+    cache: dict[str, Any] = field(default_factory=dict)  # the per-run memo stages share (StageContext.cached)
+    outputs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # stage -> committed outputs
+    skipped: set[str] = field(default_factory=set)
+    refused: dict[str, NotExpressible] = field(default_factory=dict)  # raised at the end, first one first
+    unavailable: Optional[Unavailable] = None
+
+    def step(self, stage: Stage) -> bool:
+        """Decide, execute and commit one stage; False when the run must stop (an unavailable stage)."""
+        d = self.decide(stage)
+        if d.verdict == "skip":
+            self.skip(stage, d)
+        elif d.verdict == "cached":
+            self.outputs[stage.name] = self.planner.lock.stages[stage.name].outputs
+            self.outcome.cached.append(stage.name)
+            self.emit(Event("cached", stage.name, "up to date"))
+        elif d.verdict == "unavailable":
+            self.unavailable = Unavailable(f"stage {stage.name}: {d.why} (use --skip-unavailable to record it "
+                                           "as skipped)")
+            return False
+        elif d.plan is not None:
+            done = self.execute(stage, d.plan, d)
+            if done is not None:
+                self.commit(stage, d.plan, done)
+                failed, restored, seconds = done.result.failed, done.restored, done.seconds
+                del done  # the artifacts are on disk: do not hold their bytes while the next stage runs
+                if not restored:  # a restore built no model or graph; a full collection would only cost time
+                    release_memory()
+                self.report(stage, failed, restored, seconds)
+        return True
+
+    def decide(self, stage: Stage) -> Decision:
+        """Skip (upstream skipped, or unavailable here with --skip-unavailable), up to date, unavailable, or
+        run; the lock mode may refuse a stale stage (--locked)."""
+        if any(d in self.skipped for d in stage.deps) and (self.mode.propagates_skip or not stage.partial_deps):
+            why = ("upstream stage was refused" if any(d in self.refused for d in stage.deps)
+                   else "upstream stage was skipped")
+            return Decision("skip", None, why)
+        plan = self.planner.evaluate(stage, self.outputs, force=self.force)
+        if self.planner.up_to_date(plan) is not None:
+            return Decision("cached", plan)
+        asked_at = time.perf_counter()
+        # a stage the cache holds needs no tool here: ask it before probing for one (e.g. importing pycaffe)
+        asked = (_restore(stage, plan.fingerprint, self.store, self.emit)
+                 if self.store is not None and self.asks_cache_first() and plan.fingerprint is not None
+                 else (None, None))
+        why_not = None if asked[0] is not None else self.runner.unavailable(stage)
+        self.mode.admit(plan, skipping=bool(why_not) and self.skip_unavailable)
+        if why_not:
+            return Decision("skip" if self.skip_unavailable else "unavailable", plan, why_not)
+        return Decision("run", plan, asked=asked, asked_at=asked_at)
+
+    def asks_cache_first(self) -> bool:
+        """Whether a stale stage's result is looked up in the shared cache before its tools are probed: not
+        with --force ("prove it again here") nor --locked (a check that restores nothing before the probe)."""
+        return self.store is not None and not self.force and self.mode.pushes
+
+    def skip(self, stage: Stage, d: Decision) -> None:
+        """Record a skipped stage; one skipped for its upstream is only kept in memory until the next write."""
+        self.skipped.add(stage.name)
+        self.outcome.skipped.append(stage.name)
+        self.emit(Event("skip", stage.name, d.why))
+        rec = stage_record(stage, d.plan, "skipped", {"reason": d.why})
+        if d.plan is None:
+            self.outcome.lock.stages[stage.name] = rec
+        else:
+            self.mode.record(stage.name, rec)
+
+    def execute(self, stage: Stage, plan: StagePlan, d: Decision) -> Optional[Executed]:
+        """Restore or run the stage; None when its format cannot express the model (recorded ``refused``)."""
+        assert plan.fingerprint is not None  # every dep was committed, or was skipped and skipped this stage
+        t0 = d.asked_at if d.asked[0] is not None else time.perf_counter()
+        name = stage.name
+        ctx = StageContext(self.output_dir, self.cache, lambda msg: self.emit(Event("log", name, msg)), plan.inputs,
+                           progress=lambda what, d, t: self.emit(Event("progress", name, what, 0.0, d, t)),
+                           lock=self.outcome.lock, up_to_date=tuple(self.outcome.cached))
+        committed = {f: e for d in stage.deps for f, e in self.outputs.get(d, {}).items()}
+        try:
+            result, key, restored = _restore_or_run(stage, plan.fingerprint, plan.reasons, ctx, committed,
+                                                    self.store, self.runner, self.emit,
+                                                    may_restore=not (self.force or self.asks_cache_first()),
+                                                    asked=d.asked)
+        except NotExpressible as exc:
+            # the target format cannot express this model: other targets of the manifest still build
+            self.refused[name] = exc
+            self.skipped.add(name)
+            self.emit(Event("fail", name, exc.message, time.perf_counter() - t0))
+            self.mode.record(name, stage_record(stage, plan, "refused", {"reason": exc.message}))
+            return None
+        missing = set(stage.outputs) - set(result.outputs)
+        extra = set(result.outputs) - set(stage.outputs)
+        if missing or extra:
+            raise StageFailed(f"stage {name} produced {sorted(result.outputs)}, declared {list(stage.outputs)}")
+        seconds = time.perf_counter() - t0
+        self.outcome.timings[name] = seconds
+        if result.seconds is None:
+            result.seconds = round(seconds, 3)
+        return Executed(result, key, restored, seconds)
+
+    def commit(self, stage: Stage, plan: StagePlan, done: Executed) -> None:
+        """Write each artifact atomically, then the stage's lock entry (crash safety: the lock never names
+        bytes that are not on disk), then give what ran to the shared cache."""
+        result = done.result
+        entries = self.entries(stage, result)
+        self.mode.accept(stage, entries)
+        for fname in stage.outputs:
+            written = atomic_write(self.output_dir, fname, result.outputs[fname])
+            if isinstance(self.planner.hashes, StatCache):
+                self.planner.hashes.record(written, entries[fname]["sha256"])
+            commit_point("artifact_replaced", stage.name, fname)
+        self.outputs[stage.name] = entries
+        rec = stage_record(stage, plan, "failed" if result.failed else "ok", result.record, entries, result.seconds)
+        # a restore is cheap to redo: its entry waits for the next write of the lock
+        self.mode.record(stage.name, rec, write=not done.restored)
+        if self.store is not None and done.key is not None and self.mode.pushes and not done.restored:
+            self.store.push(stage, done.key, result, self.emit)
+
+    def entries(self, stage: Stage, result: StageResult) -> dict[str, dict[str, Any]]:
+        """The lock's outputs entries (path, sha256, size) of a stage's result."""
+        out: dict[str, dict[str, Any]] = {}
+        for fname in stage.outputs:
+            # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
+            out[fname] = {"path": _rel(self.output_dir.resolve() / fname, self.base, follow=False),
+                          "sha256": result.sha256.get(fname) or sha256_bytes(result.outputs[fname]),
+                          "size": len(result.outputs[fname])}
+            if not stage.reproducible:
+                out[fname]["reproducible"] = False
+        return out
+
+    def report(self, stage: Stage, failed: Optional[str], restored: bool, seconds: float) -> None:
+        """Count the committed stage in the outcome and tell the CLI."""
+        if restored:
+            self.outcome.restored.append(stage.name)
+            self.emit(Event("restored", stage.name, "restored from cache", seconds))
+            return
+        self.outcome.ran.append(stage.name)
+        if failed:
+            self.outcome.failed.append(f"{stage.name}: {failed}")
+            self.emit(Event("fail", stage.name, failed, seconds))
+        else:
+            self.emit(Event("done", stage.name, "", seconds))
+
+    def cleanup(self) -> None:
+        """Remove the run's scratch folder and persist the stat cache (also after a failure)."""
+        tmp = self.cache.get("_tmp")
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(self.planner.hashes, StatCache):
+            self.planner.hashes.save()
+
+
 def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any], output_dir: Path, base: Path,
         emit: Callable[[Event], None], locked: bool = False, skip_unavailable: bool = False,
         force: bool = False, store: Optional[ResultStore] = None, runner: Optional[StageRunner] = None,
@@ -435,167 +797,33 @@ def run(stages: list[Stage], *, lock_path: Path, manifest_entry: dict[str, Any],
     each stage that ran is pushed after its commit; ``runner`` decides where stages run (default: here).
     """
     global _run_versions
-    runner = runner or LocalRunner()
-    _run_versions = {}
     ensure_dir(output_dir)
     clean_temp_files(output_dir)
     clean_temp_files(lock_path.parent)
     old = lockfile.read(lock_path)
+    names = {s.name for s in stages}
     new = lockfile.Lock(manifest=manifest_entry,
-                        stages={} if old is None else {k: v for k, v in old.stages.items()
-                                                       if k in {s.name for s in stages}})
+                        stages={} if old is None else {k: v for k, v in old.stages.items() if k in names})
     # apply trusts the stat cache for unchanged files; --locked is a tamper check and re-hashes everything
-    hashes = open_cache(output_dir, trust=not locked)
-    planner = Planner(stages, old, output_dir, base, hashes)
-    cache: dict[str, Any] = {}
+    planner = Planner(stages, old, output_dir, base, open_cache(output_dir, trust=not locked))
     outcome = RunOutcome([], [], [], [], [], new, {})
-    outputs: dict[str, dict[str, dict[str, Any]]] = {}
-    skipped_names: set[str] = set()
-    unavailable: Optional[Unavailable] = None
-    refused: dict[str, NotExpressible] = {}  # stages whose format cannot express the model (raised at the end)
-    if locked and old is None:
-        raise CheckFailed(f"{lock_path}: --locked given but there is no lock file; run apply without --locked first")
+    mode: LockMode = CheckLock(lock_path, old, planner, outcome.drift) if locked else WriteLock(lock_path, new, old)
+    loop = _Loop(output_dir, base, emit, planner, mode, outcome, store, runner or LocalRunner(), force,
+                 skip_unavailable)
+    _run_versions = {}
     try:
         for stage in stages:
-            # --locked writes nothing: a partial report would only differ from the lock's, so skip it too
-            if any(d in skipped_names for d in stage.deps) and (locked or not stage.partial_deps):
-                why = ("upstream stage was refused" if any(d in refused for d in stage.deps)
-                       else "upstream stage was skipped")
-                skipped_names.add(stage.name)
-                outcome.skipped.append(stage.name)
-                emit(Event("skip", stage.name, why))
-                new.stages[stage.name] = lockfile.StageRecord(fingerprint="", status="skipped",
-                                                              params=lockfile.plain(stage.params),
-                                                              record={"reason": why})
-                continue
-            inputs = planner.inputs_of(stage)
-            deps = planner.dep_hashes(stage, outputs) or {}
-            fp = planner.fingerprint(stage, inputs, deps)
-            reasons = ["--force"] if force else planner.check(stage, fp, [])
-            rec_old = None if old is None else old.stages.get(stage.name)
-            if not reasons and rec_old is not None:
-                outputs[stage.name] = rec_old.outputs
-                outcome.cached.append(stage.name)
-                emit(Event("cached", stage.name, "up to date"))
-                continue
-            t_ask = time.perf_counter()
-            # a stage the cache holds needs no tool here: ask it before probing for one (e.g. importing pycaffe)
-            ask_first = store is not None and not (force or locked)
-            asked = _restore(stage, fp, store, emit) if store is not None and ask_first else (None, None)
-            why_not = None if asked[0] is not None else runner.unavailable(stage)
-            tampered = [r for r in reasons if r.startswith("artifact ") and r.endswith(" was modified")]
-            if locked and tampered:
-                outcome.drift.extend(f"{stage.name}: {r}" for r in tampered)
-                raise CheckFailed(f"{lock_path}: --locked: {'; '.join(tampered)} (differs from the lock)")
-            # a stage this machine cannot run (e.g. TensorRT on a CPU-only CI) is skipped, not compared:
-            # its fingerprint includes tool versions that only exist where it can run
-            if locked and not (why_not and skip_unavailable) and (
-                    rec_old is None or rec_old.fingerprint != fp or tool_drift(rec_old)):
-                why = "; ".join(planner.check(stage, fp, [])) or "fingerprint differs"
-                outcome.drift.append(f"{stage.name}: {why}")
-                raise CheckFailed(f"{lock_path}: --locked: stage {stage.name} differs from the lock ({why})")
-            if why_not:
-                if skip_unavailable:
-                    skipped_names.add(stage.name)
-                    outcome.skipped.append(stage.name)
-                    emit(Event("skip", stage.name, why_not))
-                    if not locked:
-                        new.stages[stage.name] = lockfile.StageRecord(
-                            fingerprint=fp, status="skipped", params=lockfile.plain(stage.params),
-                            inputs=inputs, record={"reason": why_not}, tools=tool_versions(stage.tools))
-                        lockfile.write(lock_path, new)
-                    continue
-                unavailable = Unavailable(f"stage {stage.name}: {why_not} (use --skip-unavailable to record it "
-                                          "as skipped)")
+            if not loop.step(stage):
                 break
-            t0 = t_ask if asked[0] is not None else time.perf_counter()
-            ctx = StageContext(output_dir, cache, lambda msg, _n=stage.name: emit(Event("log", _n, msg)), inputs,
-                               progress=lambda what, d, t, _n=stage.name: emit(Event("progress", _n, what, 0.0, d, t)),
-                               lock=new, up_to_date=tuple(outcome.cached))
-            committed = {f: e for d in stage.deps for f, e in outputs.get(d, {}).items()}
-            try:
-                result, key, restored = _restore_or_run(stage, fp, reasons, ctx, committed, store, runner, emit,
-                                                        may_restore=not (force or ask_first), asked=asked)
-            except NotExpressible as exc:
-                # the target format cannot express this model: other targets of the manifest still build
-                refused[stage.name] = exc
-                skipped_names.add(stage.name)
-                emit(Event("fail", stage.name, exc.message, time.perf_counter() - t0))
-                if not locked:
-                    _record_refusal(new, lock_path, stage, fp, inputs, exc.message)
-                continue
-            missing = set(stage.outputs) - set(result.outputs)
-            extra = set(result.outputs) - set(stage.outputs)
-            if missing or extra:
-                raise StageFailed(f"stage {stage.name} produced {sorted(result.outputs)}, declared {list(stage.outputs)}")
-            seconds = time.perf_counter() - t0
-            outcome.timings[stage.name] = seconds
-            if result.seconds is None:
-                result.seconds = round(seconds, 3)
-            out_entries: dict[str, dict[str, Any]] = {}
-            for fname in stage.outputs:
-                # the folder is resolved, never the file: a link planted at its name is replaced, not recorded
-                out_entries[fname] = {"path": _rel(output_dir.resolve() / fname, base, follow=False),
-                                      "sha256": result.sha256.get(fname) or sha256_bytes(result.outputs[fname]),
-                                      "size": len(result.outputs[fname])}
-                if not stage.reproducible:
-                    out_entries[fname]["reproducible"] = False
-            if locked:
-                diffs = [f for f, e in out_entries.items()
-                         if stage.reproducible and (rec_old is None or rec_old.outputs.get(f, {}).get("sha256") != e["sha256"])]
-                if diffs:  # stop here: later stages would only report the consequence
-                    outcome.drift.extend(f"{stage.name}/{f}" for f in diffs)
-                    raise CheckFailed(f"{lock_path}: --locked: rebuilt artifacts differ from the lock: "
-                                      + ", ".join(diffs) + f" (stage {stage.name}; not written)")
-            for fname in stage.outputs:
-                written = atomic_write(output_dir, fname, result.outputs[fname])
-                if isinstance(hashes, StatCache):
-                    hashes.record(written, out_entries[fname]["sha256"])
-            status = "failed" if result.failed else "ok"
-            outputs[stage.name] = out_entries
-            if not locked:
-                new.stages[stage.name] = lockfile.StageRecord(
-                    fingerprint=fp, status=status, params=lockfile.plain(stage.params), inputs=inputs,
-                    outputs=out_entries, record=result.record, tools=tool_versions(stage.tools),
-                    seconds=result.seconds)
-                if not restored:  # a restore is cheap to redo: its entry waits for the next write of the lock
-                    lockfile.write(lock_path, new)
-            if store is not None and key is not None and not locked and not restored:
-                store.push(stage, key, result, emit)
-            failed_msg = result.failed
-            del result  # the artifacts are on disk: do not hold their bytes while the next stage runs
-            if not restored:  # a restore built no model or graph; a full collection would only cost time
-                release_memory()
-            if restored:
-                outcome.restored.append(stage.name)
-                emit(Event("restored", stage.name, "restored from cache", seconds))
-                continue
-            outcome.ran.append(stage.name)
-            if failed_msg:
-                outcome.failed.append(f"{stage.name}: {failed_msg}")
-                emit(Event("fail", stage.name, failed_msg, seconds))
-            else:
-                emit(Event("done", stage.name, "", seconds))
+            commit_point("stage_done", stage.name)
     finally:
         _run_versions = None
         gc.unfreeze()  # objects frozen by release_memory are collectable again
-        tmp = cache.get("_tmp")
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(hashes, StatCache):
-            hashes.save()
-    if not locked:
-        lockfile.write(lock_path, new, unchanged_from=old)
-    if unavailable is not None:
-        raise unavailable
-    if refused:
-        raise next(iter(refused.values()))
-    if locked and old is not None:
-        gone = sorted(set(old.stages) - {s.name for s in stages})
-        if gone:
-            raise CheckFailed(f"{lock_path}: --locked: the lock has stages this manifest no longer builds: "
-                              f"{', '.join(gone)} (run apply to update the lock)")
-        if old.manifest.get("sha256") != manifest_entry.get("sha256"):
-            raise CheckFailed(f"{lock_path}: --locked: the manifest changed since the lock was written (no "
-                              "artifact is affected; run apply to update the lock)")
+        loop.cleanup()
+    mode.settle()
+    if loop.unavailable is not None:
+        raise loop.unavailable
+    if loop.refused:
+        raise next(iter(loop.refused.values()))
+    mode.finish(stages, manifest_entry)
     return outcome
