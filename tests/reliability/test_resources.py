@@ -47,9 +47,10 @@ def test_export_failure_leaves_no_temp_files(project, monkeypatch):
     code, out, err = cli("apply", m)
     assert code == 5 and "ONNX export failed" in err, err
     _no_temps(project)
-    # the run lock and the stat cache (reidbuild.statcache) are the only files besides the artifacts
+    # the run lock, the stat cache (reidbuild.statcache) and the run record (where each artifact came from) are
+    # the only files besides the artifacts
     assert {p.name for p in project.out.iterdir()} == set(project.artifacts) | set(VOLATILE) | {
-        ".reidbuild.pid", ".reidbuild-hashes.json"}
+        ".reidbuild.pid", ".reidbuild-hashes.json", ".reidbuild-run.json"}
 
 
 @pytest.mark.parametrize("target", ["tiny.onnx", "m.lock"])
