@@ -67,7 +67,11 @@ def test_each_job_gets_its_share_of_the_cores(monkeypatch):
 
     cores = len(os.sched_getaffinity(0))
     assert threads_per_job(1) == cores and threads_per_job(cores) == 1 and threads_per_job(4 * cores) == 1
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # setenv first, so that monkeypatch restores the variable's original state (absent, usually) afterwards:
+    # share_cores sets it without monkeypatch, and a leaked OMP_NUM_THREADS=1 would give every later test's
+    # child processes one PyTorch thread (float results one ulp off the in-process builds they are compared with)
+    monkeypatch.setenv("OMP_NUM_THREADS", "unset-below")
+    monkeypatch.delenv("OMP_NUM_THREADS")
     share_cores(cores)
     assert os.environ["OMP_NUM_THREADS"] == "1"
     assert session_options().intra_op_num_threads == 1  # onnxruntime ignores OMP_NUM_THREADS by itself

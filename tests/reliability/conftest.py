@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import tiny_manifest
 from tests.reliability import _util
-from tests.reliability._util import ARTIFACTS, COUNTS, VOLATILE, copy_project, run_cli, sha
+from tests.reliability._util import ARTIFACTS, COUNTS, VOLATILE, cli, copy_project, sha
 
 
 @dataclass
@@ -24,12 +24,9 @@ class Built:
 
 
 def build(root: Path, seed: int) -> Built:
-    """Built by ``reidbuild apply`` in a fresh process, like every run the tests compare it with: the pytest
-    process has run hundreds of other tests, and PyTorch's float results may differ from a fresh process's in the
-    last bit (seen in the parity reference features), which byte comparisons of the parity file would report."""
     m = tiny_manifest(root, weights=f"{{random: {{seed: {seed}}}}}")
-    r = run_cli("apply", str(m))
-    assert r.returncode == 0, r.stderr
+    code, out, err = cli("apply", m)
+    assert code == 0, err
     arts = {n: sha(root / "out" / n) for n in ARTIFACTS}
     assert sorted(p.name for p in (root / "out").iterdir() if not p.name.startswith(".")) == sorted(ARTIFACTS + VOLATILE)
     return Built(root, m, arts, (root / "m.lock").read_text())
