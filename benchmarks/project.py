@@ -1,4 +1,5 @@
-"""A benchmark project: fast-reid bag-of-tricks R50 at 256x128 with trained-like weights, person-like images.
+"""Benchmark projects: fast-reid bag-of-tricks R50 (or R101) at 256x128 with trained-like weights, person-like
+images.
 
 Seeded random weights give features that are nearly the same for every image (a parity check on them proves
 little, and int8 looks better than it is), so the benchmark builds its checkpoint with
@@ -29,26 +30,39 @@ def write_images(folder: Path, images: np.ndarray, prefix: str = "p") -> list[Pa
     return paths
 
 
-def make_r50_project(root: Path, parity_images: int = 12, bn_images: int = 64, extra: str = "") -> Path:
-    """Write a trained-like R50 checkpoint, ``parity_images`` images and a manifest under ``root``."""
+def r101_config(root: Path) -> Path:
+    """The R50 config with a 101-layer backbone (what fast-reid's bagtricks_R101-ibn is, less IBN), written under
+    ``root``: the repository ships no R101 config."""
+    config = root / "bagtricks_R101.yml"
+    config.write_text(f"_BASE_: {CONFIG}\nMODEL:\n  BACKBONE:\n    DEPTH: 101x\n")
+    return config
+
+
+def make_r50_project(root: Path, parity_images: int = 12, bn_images: int = 64, extra: str = "",
+                     depth: int = 50) -> Path:
+    """Write a trained-like R50 (or R``depth``: 50 or 101) checkpoint, ``parity_images`` images and a manifest
+    ``r<depth>.yml`` under ``root``."""
     from reidbuild.fastreid import build_model
     from reidbuild.fastreid.checkpoint import make_checkpoint
     from reidbuild.fastreid.config import load_config
     from reidbuild.testing import make_trained_like, person_like_images
 
+    if depth not in (50, 101):
+        raise ValueError(f"depth {depth}: the benchmark projects are R50 and R101")
+    config = r101_config(root) if depth == 101 else CONFIG
     ckpt = root / "model_final.pth"
     if not ckpt.exists():
-        model = build_model(load_config(CONFIG))
+        model = build_model(load_config(config))
         make_trained_like(model, person_like_images(bn_images, 256, 128, seed=1), seed=0)
         make_checkpoint(model, ckpt)
     write_images(root / "images", person_like_images(parity_images, 256, 128, seed=2))
-    manifest = root / "r50.yml"
+    manifest = root / f"r{depth}.yml"
     manifest.write_text(textwrap.dedent(f"""\
         version: 1
-        name: bench_r50
+        name: bench_r{depth}
         source:
           format: fastreid
-          config: {CONFIG}
+          config: {config}
           weights: model_final.pth
         input:
           height: 256

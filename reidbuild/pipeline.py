@@ -5,7 +5,6 @@ ONNX or Caffe. Data flows one way: manifest -> stages -> artifacts -> lock.
 """
 from __future__ import annotations
 
-import functools
 import gc
 import importlib.metadata
 import os
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional, Protocol
 
-from . import lockfile
+from . import heap, lockfile
 from .errors import CheckFailed, InputError, NotExpressible, ReidbuildError, StageFailed, Unavailable
 from .fsutil import HashCache, atomic_write, clean_temp_files, ensure_dir, sha256_bytes
 from .statcache import StatCache, open_cache
@@ -567,35 +566,14 @@ def release_memory() -> None:
     are frozen afterwards: the next collection looks only at what later stages created. ``run`` unfreezes
     them when it ends, so nothing stays exempt from collection after the build."""
     gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    heap.trim()
     gc.freeze()
 
 
 def bound_heap() -> None:
-    """Serve allocations of 4 MiB and more from their own mappings, returned to the system when freed.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time such a block is freed, after which tensors and
-    buffers of a few MB land in the heap, where freed ones leave holes ``malloc_trim`` cannot return: a full
-    R50 build peaked ~50 MB higher that way. Called once before the first stage runs."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD; setting it also stops the dynamic adjustment
-
-
-@functools.lru_cache(maxsize=1)
-def _libc() -> Any:
-    """glibc through ctypes, or None where there is none (musl, macOS); looked up once (find_library runs
-    ldconfig)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
+    """Large buffers from their own mappings, returned when freed (``reidbuild.heap.bound_heap``). Called
+    once before the first stage runs."""
+    heap.bound_heap()
 
 
 @dataclass

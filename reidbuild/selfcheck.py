@@ -14,7 +14,8 @@ precision.fp16/int8) runs it here before anything is written. Why these rules:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -34,14 +35,16 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:500]
 
 
-def open_session(data: bytes, what: str) -> Any:
-    """An onnxruntime CPU session on ``data``; StageFailed names ``what`` when onnxruntime refuses it."""
+def open_session(model: Union[bytes, Path], what: str) -> Any:
+    """An onnxruntime CPU session on ``model`` (bytes, or a file onnxruntime reads itself); StageFailed names
+    ``what`` when onnxruntime refuses it."""
     import onnxruntime as ort
 
     from .backends.onnxruntime import session_options
 
     try:
-        return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model) if isinstance(model, Path) else model, session_options(),
+                                    providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: onnxruntime cannot load the model: {_first_line(exc)}") from None
 
@@ -90,10 +93,11 @@ def run_outputs(sess: Any, images: np.ndarray, what: str,
     return {o.name: r for o, r in zip(sess.get_outputs(), outs)}, params
 
 
-def features(data: bytes, images: np.ndarray, what: str, adapt: Optional[Adapt] = None) -> np.ndarray:
-    """float64 [N, D] features of every probe image (output ``output``, else the first), honouring a fixed
-    batch size: images go in chunks of that size, the last chunk filled up by repeating images."""
-    sess = open_session(data, what)
+def features(model: Union[bytes, Path], images: np.ndarray, what: str, adapt: Optional[Adapt] = None) -> np.ndarray:
+    """float64 [N, D] features of every probe image (output ``output``, else the first) of ``model`` (bytes or
+    a file), honouring a fixed batch size: images go in chunks of that size, the last chunk filled up by
+    repeating images."""
+    sess = open_session(model, what)
     dim0 = sess.get_inputs()[0].shape[0] if sess.get_inputs()[0].shape else None
     step = dim0 if isinstance(dim0, int) and dim0 > 0 else len(images)
     names = [o.name for o in sess.get_outputs()]

@@ -19,9 +19,12 @@ class TorchRunner(Lifecycle):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
+        from ..heap import reusing_heap
+
         # a copy: fast-reid's own Baseline normalises its input in place (images.sub_(mean).div_(std)), which
-        # would change the caller's batch before other backends see it
-        with torch.inference_mode():
+        # would change the caller's batch before other backends see it. Activations reuse heap memory
+        # (``reidbuild.heap``: fresh mappings per layer made an R50 pass twice as slow)
+        with torch.inference_mode(), reusing_heap():
             out = self.model(torch.from_numpy(np.array(batch, dtype=np.float32, copy=True)))
         features: np.ndarray = out.detach().cpu().numpy().astype(np.float32)
         return features

@@ -9,13 +9,28 @@ from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 from ..sources import ModelSource
 from . import ArtifactRef, probe_for
+from .spill import Spill, restore
 
 STAGE = "load"
 
 
+SPILL_KEY = "torch_model_spill"
+
+
 def model_from(ctx: StageContext, source: ModelSource) -> Any:
-    """The PyTorch model, built once per run whichever stage asks first."""
-    return ctx.cached("torch_model", source.build_model)
+    """The PyTorch model, built once per run whichever stage asks first; weights parked on disk by
+    ``park_model`` are read back first."""
+    model = ctx.cached("torch_model", source.build_model)
+    spill = ctx.cache.pop(SPILL_KEY, None)
+    if spill is not None:
+        restore(spill)
+    return model
+
+
+def park_model(ctx: StageContext, spill: Spill) -> None:
+    """Record that the run's model has weights parked in ``spill`` (``stages.spill``) until it is next asked
+    for: the stages in between (simplify, Caffe conversion) then run without it in memory."""
+    ctx.cache[SPILL_KEY] = spill
 
 
 def release_model(ctx: StageContext) -> None:
@@ -25,6 +40,9 @@ def release_model(ctx: StageContext) -> None:
     does today) would rebuild it.
     """
     ctx.cache.pop("torch_model", None)  # a module tree holds no reference cycles: freed right here
+    spill = ctx.cache.pop(SPILL_KEY, None)
+    if spill is not None:
+        spill.file.unlink(missing_ok=True)
 
 
 def load_stage(lm: LoadedManifest, source: ModelSource,

@@ -1,10 +1,11 @@
 """ONNX stages: export the PyTorch model (TorchScript exporter, reproducible bytes) and simplify it."""
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Sequence, Union
 
 if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
     import numpy as np
@@ -17,50 +18,64 @@ from ..pipeline import Stage, StageContext, StageResult
 from ..sources import ModelSource
 from ..targets.onnx import onnx_target
 from . import ArtifactRef, probe_for
-from .load import model_from
+from .load import model_from, park_model
+from .spill import Spill, weights_spilled
 
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
 
 
-def export_onnx(model: Any, height: int, width: int, opset: int, dynamic_batch: bool) -> bytes:
-    """Export to ONNX bytes with input ``input`` [N,3,H,W] and output ``output`` [N,D].
+def write_onnx(model: Any, dst: Union[Path, BinaryIO], height: int, width: int, opset: int,
+               dynamic_batch: bool, spill_to: Optional[Path] = None) -> Optional[Spill]:
+    """Export to ``dst`` (a file path or a binary stream) with input ``input`` [N,3,H,W] and output ``output``
+    [N,D]. With ``spill_to`` (a scratch folder), the model's weights are parked there while the exporter
+    serialises (``reidbuild.stages.spill``: the same bytes, one model's size less at the peak) and stay there:
+    the returned ``Spill`` must be restored before the model is used again.
 
     The TorchScript exporter is used on purpose: the dynamo exporter embeds absolute source paths and cannot
     write opset 17, so its bytes change with the checkout folder.
     """
     import torch
 
-    buf = io.BytesIO()
     dynamic = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings():
+    spilled = weights_spilled(model, spill_to) if spill_to is not None else contextlib.nullcontext(None)
+    with warnings.catch_warnings(), spilled as spill:
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model.eval(), (torch.zeros(1, 3, height, width),), buf,  # type: ignore[arg-type]
+            torch.onnx.export(model.eval(), (torch.zeros(1, 3, height, width),), dst,  # type: ignore[arg-type]
                               dynamo=False, opset_version=opset, input_names=["input"], output_names=["output"],
                               dynamic_axes=dynamic, do_constant_folding=True)
         except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
+    return spill
+
+
+def export_onnx(model: Any, height: int, width: int, opset: int, dynamic_batch: bool) -> bytes:
+    """``write_onnx``'s bytes, for callers that want them in memory (tests, benchmarks)."""
+    buf = io.BytesIO()
+    write_onnx(model, buf, height, width, opset, dynamic_batch)
     data = buf.getvalue()
     buf.close()  # one copy of the model's bytes, not two
     return data
 
 
-def check_model(data: bytes, probe: Probe, what: str) -> np.ndarray:
+def check_model(model: Union[bytes, Path], probe: Probe, what: str) -> np.ndarray:
     """onnx checker + one onnxruntime run on the self-check images (``reidbuild.selfcheck``); returns the
     features.
 
-    The checker gets the bytes themselves: given a parsed model it would serialise it again (about 0.1 s and
-    one more copy for an R50).
+    The checker gets the bytes or the file themselves: given a parsed model it would serialise it again (about
+    0.1 s and one more copy for an R50). Given a file, neither the checker nor onnxruntime needs the model's
+    bytes in Python: a stage that checks a file before reading it holds one copy fewer while onnxruntime
+    builds its session (which transiently needs about 2.5 times the weights).
     """
     import onnx
 
     from .. import selfcheck
 
     try:
-        onnx.checker.check_model(data, full_check=True)
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model, full_check=True)
     except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
         raise StageFailed(f"{what}: the ONNX checker rejects the model: {str(exc).splitlines()[0]}") from None
-    return selfcheck.features(data, probe.images, what)
+    return selfcheck.features(model, probe.images, what)
 
 
 def _checked_key(name: str) -> str:
@@ -89,12 +104,14 @@ def graph_changes(before: Any, after: Any) -> dict[str, Any]:
             "initializers_before": b["initializers"], "initializers_after": a["initializers"]}
 
 
-def simplify_file(src: Path, folder: Path, what: str) -> tuple[bytes, dict[str, Any]]:
-    """(bytes, ``graph_summary``) of onnx-simplifier's result for the ONNX file ``src``, run file to file.
+def simplify_file(src: Path, folder: Path, what: str) -> tuple[Path, dict[str, Any]]:
+    """(file, ``graph_summary``) of onnx-simplifier's result for the ONNX file ``src``, run file to file; the
+    file is ``folder/simplified.onnx``, the caller's to read and remove.
 
     onnx-simplifier's C++ core reads ``src`` and writes its result into ``folder`` itself, so Python never
     holds the parsed input, nor the result next to a serialised copy (an R50: ~200 MB less at this stage's
-    peak). ONNX messages have no map fields, so the C++ bytes are those of a deterministic serialisation.
+    peak); the caller can self-check the file before it reads the bytes. ONNX messages have no map fields, so
+    the C++ bytes are those of a deterministic serialisation.
     """
     import onnxsim
 
@@ -111,10 +128,12 @@ def simplify_file(src: Path, folder: Path, what: str) -> tuple[bytes, dict[str, 
     del simplified
     if sorted(p.name for p in folder.iterdir()) != [dst.name]:
         raise StageFailed(f"onnx-simplifier wrote {what} with external data (over 2 GB): not supported")
-    try:
-        return dst.read_bytes(), summary
-    finally:
-        dst.unlink()
+    return dst, summary
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (sizes first: most differ there)."""
+    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
 
 
 def _check_record(probe: Probe, notes: list[str]) -> dict[str, Any]:
@@ -140,15 +159,23 @@ def export_stage(lm: LoadedManifest, source: ModelSource, load: ArtifactRef, out
 
         ctx.progress("export steps (trace, check)", 0, 2)
         model = model_from(ctx, source)
-        data = export_onnx(model, h, w, t.opset, t.dynamic_batch)
+        # written to a file, not a stream: the exporter's bytes are not copied while its own copies exist
+        path = ctx.tempdir() / "onnx.export.onnx"
+        spill = write_onnx(model, path, h, w, t.opset, t.dynamic_batch, spill_to=ctx.tempdir())
+        del model  # its weights are parked until the next model_from (this check's fallback, or parity)
+        if spill is not None:
+            park_model(ctx, spill)
         ctx.progress("export steps (trace, check)", 1, 2)
         probe = probe_for(ctx, lm.model.input, probe_paths)
-        out = check_model(data, probe, out_file)
-        notes = selfcheck.judge_finite(out, probe, out_file, lambda: TorchRunner(model).infer(probe.images), "PyTorch")
+        out = check_model(path, probe, out_file)  # from the file: no bytes in memory next to the session
+        notes = selfcheck.judge_finite(out, probe, out_file,
+                                       lambda: TorchRunner(model_from(ctx, source)).infer(probe.images), "PyTorch")
         for note in notes:
             ctx.log(note)
         ctx.cache[_checked_key(out_file)] = out
         ctx.progress("export steps (trace, check)", 2, 2)
+        data = path.read_bytes()
+        path.unlink()
         return StageResult({out_file: data}, {"exporter": EXPORTER, "torch": torch.__version__, "opset": t.opset,
                                               "check": _check_record(probe, notes)})
 
@@ -172,30 +199,28 @@ def simplify_stage(lm: LoadedManifest, source: ArtifactRef, out_file: str,
         from .. import selfcheck
 
         src = ctx.artifact(source.file)
-        raw = src.read_bytes()
         probe = probe_for(ctx, lm.model.input, probe_paths)
         # the export stage checked these very bytes on the same images earlier in this run: reuse its features
         before = ctx.cache.pop(_checked_key(source.file), None)
         if before is None:
-            before = check_model(raw, probe, source.file)
-        shape_before = graph_summary(onnx.load_from_string(raw))
-        raw_size = len(raw)
-        del raw  # onnx-simplifier reads the file itself
-        data, shape_after = simplify_file(src, ctx.tempdir() / "onnx.simplify", source.file)
+            before = check_model(src, probe, source.file)
+        shape_before = graph_summary(onnx.load(str(src)))
+        dst, shape_after = simplify_file(src, ctx.tempdir() / "onnx.simplify", source.file)
         changes = graph_changes(shape_before, shape_after)
         notes = selfcheck.judge_finite(before, probe, source.file, lambda: before, "the exported graph")
         check = _check_record(probe, notes)
-        if len(data) == raw_size and data == src.read_bytes():  # nothing simplified: the checked export's bytes
+        if same_bytes(dst, src):  # nothing simplified: the checked export's bytes
             changes["unchanged"] = True
-            return StageResult({out_file: data}, {**changes, "check_max_abs_diff": 0.0, "check_scaled_diff": 0.0,
-                                                  "check": check, "onnx": onnx.__version__})
-        after = check_model(data, probe, out_file)
-        rel = selfcheck.check_same(after, before, probe, f"{out_file}: onnx-simplifier")
-        finite = np.isfinite(before).all(axis=1) & np.isfinite(after).all(axis=1)
-        err = float(np.max(np.abs(after[finite] - before[finite]), initial=0.0))
-        return StageResult({out_file: data}, {**changes, "check_max_abs_diff": float(f"{err:.3g}"),
-                                              "check_scaled_diff": float(f"{rel:.3g}"), "check": check,
-                                              "onnx": onnx.__version__})
+            record = {"check_max_abs_diff": 0.0, "check_scaled_diff": 0.0}
+        else:  # checked from the file: onnxruntime builds its session with no bytes of the model in Python
+            after = check_model(dst, probe, out_file)
+            rel = selfcheck.check_same(after, before, probe, f"{out_file}: onnx-simplifier")
+            finite = np.isfinite(before).all(axis=1) & np.isfinite(after).all(axis=1)
+            err = float(np.max(np.abs(after[finite] - before[finite]), initial=0.0))
+            record = {"check_max_abs_diff": float(f"{err:.3g}"), "check_scaled_diff": float(f"{rel:.3g}")}
+        data = dst.read_bytes()
+        dst.unlink()
+        return StageResult({out_file: data}, {**changes, **record, "check": check, "onnx": onnx.__version__})
 
     stage = Stage("onnx.simplify", run, params={"input": [h, w]}, deps=(source.stage,), outputs=(out_file,),
                   tools=("onnx", "onnxsim", "onnxruntime"), description="simplify the ONNX graph (onnx-simplifier)")

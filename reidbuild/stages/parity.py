@@ -101,8 +101,10 @@ def reference_features(ctx: StageContext, source: ModelSource, batch: np.ndarray
                        batch_size: int) -> np.ndarray:
     """The PyTorch model's features on the parity images (one pass per run, shared by every check)."""
     from ..backends.torch import TorchRunner
+    from ..heap import reusing_heap
 
-    with TorchRunner(model_from(ctx, source)) as runner:
+    # one heap reuse for all batches: each batch reuses the pages the previous one faulted in
+    with TorchRunner(model_from(ctx, source)) as runner, reusing_heap():
         return run_batched(runner, batch, batch_size, lambda d, t: ctx.progress("PyTorch reference images", d, t))
 
 

@@ -44,7 +44,7 @@ def op_conv(cv: Converter, node: Any) -> None:
     a = attrs(node)
     x = cv.blob(node.input[0])
     s = cv.net.shapes[x]
-    w = cv.const(node.input[1], "the weights").astype(np.float32)
+    w = cv.const(node.input[1], "the weights").astype(np.float32, copy=False)  # no copy: the blob only reads it
     if len(s) != 4 or w.ndim != 4:
         raise cv.refuse(f"only 2-D convolutions map to Caffe here (input {list(s)})")
     bias = cv.const(node.input[2], "the bias").astype(np.float32).reshape(-1) \
