@@ -16,7 +16,7 @@ from reidbuild import heap
 from reidbuild.errors import StageFailed
 from reidbuild.pipeline import StageContext
 from reidbuild.stages.load import model_from, park_model, release_model
-from reidbuild.stages.onnx import export_onnx, write_onnx
+from reidbuild.stages.onnx import export_onnx, export_spilled
 from reidbuild.stages.spill import MIN_SPILL_BYTES, exporter_hook
 from reidbuild.testing import make_trained_like, person_like_images
 from tests.helpers import REPO, tiny_manifest, tiny_model
@@ -51,10 +51,9 @@ def test_spilled_export_writes_the_same_bytes_and_frees_the_weights(model, tmp_p
         before_out = model(torch.from_numpy(images.copy())).numpy()
     before = _state(model)
     plain = export_onnx(model, H, W, 17, True)
-    dst = tmp_path / "e.onnx"
-    spill = write_onnx(model, dst, H, W, 17, True, spill_to=tmp_path / "scratch")
+    data, spill = export_spilled(model, H, W, 17, True, tmp_path / "scratch")
     assert spill is not None and spill.hooked
-    assert dst.read_bytes() == plain
+    assert data == plain
     # parked: the convolution weights (most of the model) are freed until restored
     conv_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert spill.nbytes >= 0.9 * conv_bytes
@@ -76,18 +75,28 @@ def test_spilled_export_writes_the_same_bytes_and_frees_the_weights(model, tmp_p
     assert export_onnx(model, H, W, 17, True) == plain  # and it exports the same bytes again
 
 
-def test_a_failed_export_restores_the_weights_at_once(model, tmp_path):
-    """The exporter fails after tracing (its output folder is missing): the weights parked by then are back
-    before the error reaches the stage."""
+def test_a_failed_export_restores_the_weights_at_once(model, tmp_path, monkeypatch):
+    """The exporter fails after tracing (writing its result): the weights parked by then are back before the
+    error reaches the stage."""
+    from torch.onnx._internal.torchscript_exporter import onnx_proto_utils
+
+    parked_when_it_failed = []
+
+    def full_disk(*args, **kwargs):
+        parked_when_it_failed.append(sum(p.numel() == 0 for p in model.parameters()))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_proto_utils, "_export_file", full_disk)
     before = _state(model)
-    with pytest.raises(StageFailed, match="ONNX export failed"):
-        write_onnx(model, tmp_path / "missing" / "e.onnx", H, W, 17, True, spill_to=tmp_path / "scratch")
+    with pytest.raises(StageFailed, match="ONNX export failed: .*No space left"):
+        export_spilled(model, H, W, 17, True, tmp_path / "scratch")
+    assert parked_when_it_failed and parked_when_it_failed[0] > 10  # the weights were out when it failed
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert list((tmp_path / "scratch").iterdir()) == []
 
 
 def test_release_model_removes_an_unused_spill(model, tmp_path):
-    spill = write_onnx(model, tmp_path / "e.onnx", H, W, 17, True, spill_to=tmp_path / "scratch")
+    _, spill = export_spilled(model, H, W, 17, True, tmp_path / "scratch")
     ctx = StageContext(tmp_path, {"torch_model": model}, lambda msg: None)
     park_model(ctx, spill)
     assert spill.file.exists()

@@ -5,7 +5,7 @@ import onnx
 import onnxsim
 from torch import nn
 
-from reidbuild.stages.onnx import export_onnx, graph_changes, graph_summary, simplify_file
+from reidbuild.stages.onnx import export_onnx, file_summary, graph_changes, graph_summary, simplify_file
 
 
 def test_file_to_file_bytes_equal_the_in_memory_simplifier(tmp_path):
@@ -24,3 +24,17 @@ def test_file_to_file_bytes_equal_the_in_memory_simplifier(tmp_path):
     assert list((tmp_path / "scratch").iterdir()) == [dst]  # its one result file, the caller's to remove
     assert graph_changes(graph_summary(exported), summary) == graph_changes(exported, expected)
     assert summary["nodes"] == len(expected.graph.node) and data != src.read_bytes()  # it did change something
+
+
+def test_file_summary_reads_what_onnx_parses(tmp_path):
+    """The simplify stage counts the export's ops from its protobuf encoding without parsing the weights;
+    the counts must be onnx's own, before and after simplification."""
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    src = tmp_path / "export.onnx"
+    src.write_bytes(export_onnx(module, 16, 8, 17, dynamic_batch=True))
+    dst, _ = simplify_file(src, tmp_path / "scratch", "export.onnx")
+    for path in (src, dst):
+        parsed = graph_summary(onnx.load(str(path)))
+        assert file_summary(path) == parsed
+        assert parsed["nodes"] > 3 and parsed["initializers"] > 3

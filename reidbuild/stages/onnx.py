@@ -5,7 +5,7 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 if TYPE_CHECKING:  # numpy is imported where it is used: planning (a no-op apply) never needs it
     import numpy as np
@@ -24,38 +24,39 @@ from .spill import Spill, weights_spilled
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
 
 
-def write_onnx(model: Any, dst: Union[Path, BinaryIO], height: int, width: int, opset: int,
-               dynamic_batch: bool, spill_to: Optional[Path] = None) -> Optional[Spill]:
-    """Export to ``dst`` (a file path or a binary stream) with input ``input`` [N,3,H,W] and output ``output``
-    [N,D]. With ``spill_to`` (a scratch folder), the model's weights are parked there while the exporter
-    serialises (``reidbuild.stages.spill``: the same bytes, one model's size less at the peak) and stay there:
-    the returned ``Spill`` must be restored before the model is used again.
+def export_spilled(model: Any, height: int, width: int, opset: int, dynamic_batch: bool,
+                   spill_to: Optional[Path]) -> tuple[bytes, Optional[Spill]]:
+    """ONNX bytes with input ``input`` [N,3,H,W] and output ``output`` [N,D]. With ``spill_to`` (a scratch
+    folder), the model's weights are parked there while the exporter serialises (``reidbuild.stages.spill``:
+    the same bytes, one model's size less at the build's peak) and stay there: the returned ``Spill`` must be
+    restored before the model is used again.
 
     The TorchScript exporter is used on purpose: the dynamo exporter embeds absolute source paths and cannot
-    write opset 17, so its bytes change with the checkout folder.
+    write opset 17, so its bytes change with the checkout folder. It writes to a stream, not a file: the
+    stream's copy comes after the exporter's own peak, and a file costs a page-cache write and a read back
+    (~0.15 s of CPU for an R50).
     """
     import torch
 
+    buf = io.BytesIO()
     dynamic = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     spilled = weights_spilled(model, spill_to) if spill_to is not None else contextlib.nullcontext(None)
     with warnings.catch_warnings(), spilled as spill:
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model.eval(), (torch.zeros(1, 3, height, width),), dst,  # type: ignore[arg-type]
+            torch.onnx.export(model.eval(), (torch.zeros(1, 3, height, width),), buf,  # type: ignore[arg-type]
                               dynamo=False, opset_version=opset, input_names=["input"], output_names=["output"],
                               dynamic_axes=dynamic, do_constant_folding=True)
         except Exception as exc:  # noqa: BLE001 - a third-party library's own errors, reported as StageFailed
             raise StageFailed(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
-    return spill
+    data = buf.getvalue()
+    buf.close()  # one copy of the model's bytes, not two
+    return data, spill
 
 
 def export_onnx(model: Any, height: int, width: int, opset: int, dynamic_batch: bool) -> bytes:
-    """``write_onnx``'s bytes, for callers that want them in memory (tests, benchmarks)."""
-    buf = io.BytesIO()
-    write_onnx(model, buf, height, width, opset, dynamic_batch)
-    data = buf.getvalue()
-    buf.close()  # one copy of the model's bytes, not two
-    return data
+    """``export_spilled`` without a spill, for callers that keep using the model (tests, benchmarks)."""
+    return export_spilled(model, height, width, opset, dynamic_batch, None)[0]
 
 
 def check_model(model: Union[bytes, Path], probe: Probe, what: str) -> np.ndarray:
@@ -65,7 +66,7 @@ def check_model(model: Union[bytes, Path], probe: Probe, what: str) -> np.ndarra
     The checker gets the bytes or the file themselves: given a parsed model it would serialise it again (about
     0.1 s and one more copy for an R50). Given a file, neither the checker nor onnxruntime needs the model's
     bytes in Python: a stage that checks a file before reading it holds one copy fewer while onnxruntime
-    builds its session (which transiently needs about 2.5 times the weights).
+    builds its session (which transiently needs about 2.5 times the weights: 430 MB for an R101).
     """
     import onnx
 
@@ -90,6 +91,63 @@ def graph_summary(model: Any) -> dict[str, Any]:
 
     return {"ops": Counter(n.op_type for n in model.graph.node), "nodes": len(model.graph.node),
             "initializers": len(model.graph.initializer)}
+
+
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
+    """A protobuf varint at ``pos``: (value, next position)."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of the length-delimited fields of the message in ``buf[start:end]``; other
+    wire types are skipped (groups, never written by ONNX, raise ValueError)."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            yield key >> 3, pos, pos + size
+            pos += size
+        else:
+            raise ValueError(f"protobuf wire type {wire} at byte {pos}")
+
+
+def file_summary(path: Path) -> dict[str, Any]:
+    """``graph_summary`` of the ONNX file ``path``, read from its protobuf encoding without parsing the
+    weights (ModelProto.graph = 7; GraphProto.node = 1, .initializer = 5; NodeProto.op_type = 4): parsing an
+    R50 only to count its nodes cost ~0.1 s of CPU and a second copy of its weights."""
+    import mmap
+    from collections import Counter
+
+    ops: Counter[str] = Counter()
+    nodes = initializers = 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for field, start, end in _fields(buf, 0, len(buf)):
+            if field != 7:
+                continue
+            for gfield, gstart, gend in _fields(buf, start, end):
+                if gfield == 1:
+                    op = ""
+                    for nfield, nstart, nend in _fields(buf, gstart, gend):
+                        if nfield == 4:
+                            op = bytes(buf[nstart:nend]).decode("utf-8")
+                    ops[op] += 1
+                    nodes += 1
+                elif gfield == 5:
+                    initializers += 1
+    return {"ops": ops, "nodes": nodes, "initializers": initializers}
 
 
 def graph_changes(before: Any, after: Any) -> dict[str, Any]:
@@ -159,23 +217,19 @@ def export_stage(lm: LoadedManifest, source: ModelSource, load: ArtifactRef, out
 
         ctx.progress("export steps (trace, check)", 0, 2)
         model = model_from(ctx, source)
-        # written to a file, not a stream: the exporter's bytes are not copied while its own copies exist
-        path = ctx.tempdir() / "onnx.export.onnx"
-        spill = write_onnx(model, path, h, w, t.opset, t.dynamic_batch, spill_to=ctx.tempdir())
+        data, spill = export_spilled(model, h, w, t.opset, t.dynamic_batch, ctx.tempdir())
         del model  # its weights are parked until the next model_from (this check's fallback, or parity)
         if spill is not None:
             park_model(ctx, spill)
         ctx.progress("export steps (trace, check)", 1, 2)
         probe = probe_for(ctx, lm.model.input, probe_paths)
-        out = check_model(path, probe, out_file)  # from the file: no bytes in memory next to the session
+        out = check_model(data, probe, out_file)
         notes = selfcheck.judge_finite(out, probe, out_file,
                                        lambda: TorchRunner(model_from(ctx, source)).infer(probe.images), "PyTorch")
         for note in notes:
             ctx.log(note)
         ctx.cache[_checked_key(out_file)] = out
         ctx.progress("export steps (trace, check)", 2, 2)
-        data = path.read_bytes()
-        path.unlink()
         return StageResult({out_file: data}, {"exporter": EXPORTER, "torch": torch.__version__, "opset": t.opset,
                                               "check": _check_record(probe, notes)})
 
@@ -204,7 +258,7 @@ def simplify_stage(lm: LoadedManifest, source: ArtifactRef, out_file: str,
         before = ctx.cache.pop(_checked_key(source.file), None)
         if before is None:
             before = check_model(src, probe, source.file)
-        shape_before = graph_summary(onnx.load(str(src)))
+        shape_before = file_summary(src)
         dst, shape_after = simplify_file(src, ctx.tempdir() / "onnx.simplify", source.file)
         changes = graph_changes(shape_before, shape_after)
         notes = selfcheck.judge_finite(before, probe, source.file, lambda: before, "the exported graph")
