@@ -394,11 +394,7 @@ def report(manifest: str, out: str | None) -> None:
     if target.resolve().parent == lm.output_dir and target.name in {f for s in lock.stages.values() for f in s.outputs}:
         raise InputError(f"{target}: is an artifact the lock records; choose another --output")
     data = collect(lm, lock, lm.output_dir, [s.name for s in stages], skip=("report",))
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="reidbuild-report-") as scratch:
-        page = render(data, Path(scratch))
-    atomic_write(target.resolve().parent, target.name, page.encode())
+    atomic_write(target.resolve().parent, target.name, render(data).encode())
     click.echo(str(target))
 
 

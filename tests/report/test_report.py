@@ -188,7 +188,7 @@ def test_retrieval_view_marks_the_neighbours_a_backend_changed(tmp_path):
                       {"rtol": 2.0, "atol": 1.0, "min_cosine": 0.5})
     data = ReportData("toy", "m.yml", {"config": "c.yml"}, {"onnx": {}}, [check], [], [], {"tools": {}, "runtimes": {},
                       "report written on": "test"}, {}, (64, 32))
-    page = render(data, tmp_path)
+    page = render(data)
     rows = re.findall(r"<tr><td><span class=\"thumb query\" title=\"(p\d)\.png\".*?</tr>", page)
     assert rows == [f"p{i}" for i in range(6)]
     moved = re.findall(r'<td class="(?:pass|fail)">(\d+)</td></tr>', page)
