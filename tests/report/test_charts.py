@@ -4,12 +4,15 @@ same input, and no failure on the inputs a broken build produces (zeros, NaN, in
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 
 from reidbuild.report import charts
+from tests.helpers import REPO
 
 TOL = 0.02  # coordinates are written with two decimals
 
@@ -251,3 +254,13 @@ def test_decade_labels_are_thinned_so_they_do_not_overlap():
     diff = np.array([1e-15, 1e-1])
     xs = sorted(decades(parse(charts.error_histogram(diff, "h")), vertical=False).values())
     assert len(xs) >= 3 and min(np.diff(xs)) > wide("10-15")
+
+
+def test_drawing_imports_no_plotting_library():
+    """The charts are reidbuild's own SVG: importing a plotting library cost the report stage about a second."""
+    code = ("import sys, numpy as np\nfrom reidbuild.report import charts\n"
+            "charts.per_image_bars(np.array([1e-5]), 't', 'e', 1e-4, 'a'); charts.error_histogram(np.ones(3), 'h')\n"
+            "charts.timeline(['a'], [1.0], [False])\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'pyparsing', 'PIL')]\nassert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
