@@ -207,16 +207,13 @@ def _index_ticks(svg: _Svg, plot: _Plot, n: int) -> None:
         svg.text(x, plot.bottom + 16, str(i), cls="index")
 
 
-def _legend(svg: _Svg, plot: _Plot, label: str, bars: list[tuple[float, float, float]]) -> None:
-    """The tolerance line's key on a white patch in the top corner of the plot that hides fewer bars
-    (``bars``: each bar's left and right x and its top y); the right one when neither hides any."""
-    w = _width_of(label) + 30
-    hidden = {x0: sum(1 for a, b, y in bars if a < x0 + w and b > x0 and y < plot.top + 19)
-              for x0 in (plot.right - w - 4, plot.left + 4)}
-    x0 = min(hidden, key=lambda k: (hidden[k], -k))
-    svg.rect(x0, plot.top + 3, w, 16, "#fff", "legend")
-    svg.line(x0 + 4, plot.top + 11, x0 + 22, plot.top + 11, AXIS, dash=True)
-    svg.text(x0 + 26, plot.top + 15, label, anchor="start", cls="legend-label")
+def _legend(svg: _Svg, plot: _Plot, label: str) -> None:
+    """The tolerance line's key, right-aligned in its own row between the title and the plot, where no bar
+    can run into it."""
+    x0 = plot.right - _width_of(label) - 26
+    y = plot.top - 8
+    svg.line(x0, y - 4, x0 + 18, y - 4, AXIS, dash=True)
+    svg.text(x0 + 22, y, label, anchor="start", cls="legend-label")
 
 
 def per_image_bars(values: np.ndarray, title: str, ylabel: str, limit: Optional[float], limit_label: str,
@@ -234,21 +231,20 @@ def per_image_bars(values: np.ndarray, title: str, ylabel: str, limit: Optional[
     known = [float(v) for v in vals] + ([float(limit)] if line and limit is not None else [])
     lo, hi = _decades(min(known), max(known)) if known else (-1, 0)
     svg = _Svg(_chart_width(n), 240, title)
-    lines = _ylabel_lines(ylabel, 240 - 28 - 40)
-    plot = _Plot(20 + 13 * len(lines) + 34, 28, svg.width - 12, 240 - 40)
+    top = 42 if line else 28  # a row for the legend
+    lines = _ylabel_lines(ylabel, 240 - top - 40)
+    plot = _Plot(20 + 13 * len(lines) + 34, top, svg.width - 12, 240 - 40)
     ys = _Scale(lo, hi, plot.bottom, plot.top, log=True)
     _log_axis(svg, plot, ys, vertical=True)
     slot = (plot.right - plot.left) / max(n, 1)
     bar = min(0.8 * slot, 48.0)
-    tops = []
     for i, (v, r, b) in enumerate(zip(vals, raw, bad)):
         x, y = plot.left + (i + 0.5) * slot, ys(float(v))
         tip = f"image {i}: {float(r):.3g}" + (" (failed)" if b else "")
         svg.rect(x - bar / 2, y, bar, plot.bottom - y, RED if b else BLUE, "bar failed" if b else "bar", tip)
-        tops.append((x - bar / 2, x + bar / 2, y))
     if line and limit is not None:
         svg.line(plot.left, ys(limit), plot.right, ys(limit), AXIS, cls="limit", dash=True)
-        _legend(svg, plot, limit_label, tops)
+        _legend(svg, plot, limit_label)
     if n == 0:
         _note(svg, plot, "no values")
     _index_ticks(svg, plot, n)
