@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..compare import in_mode
 from . import charts
 from .collect import CheckData, ReportData
 
@@ -119,15 +120,18 @@ def _check_section(c: CheckData, data: ReportData) -> str:
     if c.reference is None or c.actual is None or c.reference.shape != c.actual.shape:
         return head + f"<p class=\"skip\">{_e(c.note or 'no per-image features recorded')}</p></section>"
     ref, act = c.reference.astype(np.float64), c.actual.astype(np.float64)
-    diff = np.abs(act - ref)
     cos = np.sum(ref * act, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(act, axis=1), 1e-30)
+    # the errors the check's atol/rtol judged: of L2-normalised features in the default mode, as max_abs says
+    mode = c.record.get("compare") or "raw"
+    diff = np.abs(in_mode(act, mode) - in_mode(ref, mode))
+    of = " (L2-normalised features)" if mode == "normalized" else ""
     min_cos = c.tolerance.get("min_cosine")
     failed = [not r.get("ok", True) for r in c.record.get("per_image") or []]
     svgs = [charts.per_image_bars(1.0 - cos, f"{c.name}: per-image cosine, shown as 1 - cosine",
                                   "1 - cosine", None if min_cos is None else 1.0 - min_cos, "1 - min_cosine", failed),
-            charts.per_image_bars(diff.max(axis=1), f"{c.name}: per-image max |error|", "max abs error",
+            charts.per_image_bars(diff.max(axis=1), f"{c.name}: per-image max |error|{of}", "max abs error",
                                   c.tolerance.get("atol"), "atol", failed),
-            charts.error_histogram(diff, f"{c.name}: element-wise errors")]
+            charts.error_histogram(diff, f"{c.name}: element-wise errors{of}")]
     return head + f"<div class=\"charts\">{''.join(svgs)}</div>" + _retrieval(c, data) + "</section>"
 
 

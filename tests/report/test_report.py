@@ -198,3 +198,18 @@ def test_retrieval_view_marks_the_neighbours_a_backend_changed(tmp_path):
     assert page.count('class="thumb differs"') == sum(expected)
     assert "FAIL" in page and "rtol=2, atol=1, min_cosine=0.5" in page
     assert embedded_data(page)["checks"][0]["suggested"] == {"rtol": 2.0, "atol": 1.0, "min_cosine": 0.5}
+
+
+def test_max_error_chart_shows_what_the_check_judged(passing):
+    """The per-image max |error| bars are of the features the check's atol applied to (L2-normalised in the
+    default mode), so the largest bar is the check's own max_abs, not the raw features' error."""
+    root, _ = passing
+    rec = lockfile.read(root / "m.lock").stages["parity.onnxruntime"].record
+    assert rec["compare"] == "normalized"
+    page = (root / "out" / "tiny.report.html").read_text()
+    chart = re.search(r'aria-label="onnxruntime: per-image max \|error\| \(L2-normalised features\)".*?</svg>',
+                      page, re.S)
+    assert chart is not None, "no max-error chart of normalised features for parity.onnxruntime"
+    bars = [float(v) for v in re.findall(r"<title>image \d+: ([^<( ]+)", chart.group(0))]
+    assert len(bars) == len(rec["per_image"])
+    assert max(bars) == pytest.approx(rec["max_abs"], rel=0.01)
