@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads wreck latency on small machines
 os.environ.setdefault("GLOG_minloglevel", "2")  # keep pycaffe quiet
 
-from . import noopcache  # the no-op fast path runs before click, pydantic and PyYAML load
+from . import launch, noopcache  # the no-op fast path runs before click, pydantic and PyYAML load
 
 if __name__ == "__main__" or Path(sys.argv[0]).name == "reidbuild":  # run as the command, not imported
     if noopcache.replay(sys.argv[1:], time.perf_counter()):
         sys.exit(0)
+    launch.reexec_with_hugepages(sys.argv[1:])  # a build gets huge pages: one exec, before anything is read
     noopcache.watch(sys.argv[1:])
 
 import click
@@ -394,11 +395,7 @@ def report(manifest: str, out: str | None) -> None:
     if target.resolve().parent == lm.output_dir and target.name in {f for s in lock.stages.values() for f in s.outputs}:
         raise InputError(f"{target}: is an artifact the lock records; choose another --output")
     data = collect(lm, lock, lm.output_dir, [s.name for s in stages], skip=("report",))
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="reidbuild-report-") as scratch:
-        page = render(data, Path(scratch))
-    atomic_write(target.resolve().parent, target.name, page.encode())
+    atomic_write(target.resolve().parent, target.name, render(data).encode())
     click.echo(str(target))
 
 
@@ -473,5 +470,16 @@ def cache_gc(cache_url: str, keep_days: float, as_json: bool) -> None:
         click.echo(f"removed {entries} entries and {blobs} blobs ({freed:,d} bytes)")
 
 
+def entry() -> None:
+    """The ``reidbuild`` command: ``main`` without the interpreter's teardown once it is done
+    (``reidbuild.launch.exit_now``; tests call ``main`` itself)."""
+    try:
+        main()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    launch.exit_now(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

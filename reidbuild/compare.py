@@ -166,7 +166,7 @@ def smallest_tolerances(reference: np.ndarray, actual: np.ndarray, rtol: Optiona
     can pass (non-finite values, or a difference where the reference is 0 for the rtol)."""
     import numpy as np
 
-    ref, act = _in_mode(reference, mode), _in_mode(actual, mode)
+    ref, act = in_mode(reference, mode), in_mode(actual, mode)
     if ref.shape != act.shape or ref.size == 0 or not (np.all(np.isfinite(ref)) and np.all(np.isfinite(act))):
         return {"rtol": None, "atol": None}
     rtol, atol = float(rtol or 0.0), float(atol or 0.0)
@@ -180,7 +180,8 @@ def smallest_tolerances(reference: np.ndarray, actual: np.ndarray, rtol: Optiona
     return {"rtol": need_rtol, "atol": need_atol}
 
 
-def _in_mode(features: np.ndarray, mode: str) -> np.ndarray:
+def in_mode(features: np.ndarray, mode: str) -> np.ndarray:
+    """The features as a check in ``mode`` judges them elementwise: raw, or L2-normalised per row."""
     import numpy as np
 
     if mode not in MODES:
@@ -218,7 +219,7 @@ def compare(reference: np.ndarray, actual: np.ndarray, tol: dict[str, Any], mode
         zero_rows = [i for i in range(len(raw_ref)) if not np.any(raw_act[i]) and np.any(raw_ref[i])]
         if zero_rows:
             failures.append(f"the backend returned all zeros for {len(zero_rows)} image(s) (first: #{zero_rows[0]})")
-    ref, act = _in_mode(raw_ref, mode), _in_mode(raw_act, mode)
+    ref, act = in_mode(raw_ref, mode), in_mode(raw_act, mode)
     diff = np.abs(act - ref)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(np.abs(ref) > 0, diff / np.abs(ref), np.where(diff > 0, np.inf, 0.0))

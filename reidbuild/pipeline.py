@@ -562,7 +562,7 @@ def release_memory() -> None:
     later stage's peak does not stack on an earlier one's.
 
     The full collection matters (cycles left by the export hold ~80 MB of arrays until it runs), but over the
-    ~200,000 objects of PyTorch, onnx and matplotlib it costs 0.1-0.2 s of CPU each time. So the survivors
+    ~200,000 objects of PyTorch and onnx it costs 0.1-0.2 s of CPU each time. So the survivors
     are frozen afterwards: the next collection looks only at what later stages created. ``run`` unfreezes
     them when it ends, so nothing stays exempt from collection after the build."""
     gc.collect()

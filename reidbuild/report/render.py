@@ -1,4 +1,5 @@
-"""HTML for the parity report: one self-contained, printable page (inline CSS, no scripts, images as data URIs).
+"""HTML for the parity report: one self-contained, printable page (inline CSS, no scripts, charts as
+inline SVG, thumbnails as data URIs).
 
 Sections carry stable ids (summary, check-<name>, retrieval-<name>, timeline, artifacts, environment) that
 the browser test and readers' tools can rely on. The build's result facts are also embedded as JSON
@@ -16,6 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..compare import in_mode
 from . import charts
 from .collect import CheckData, ReportData
 
@@ -29,7 +31,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px so
 th{background:#f4f6f7}.pass{color:#1e8449;font-weight:bold}.fail{color:#c0392b;font-weight:bold}.skip{color:#7f8c8d}
 .verdict{font-size:1.3em;padding:.3em .8em;display:inline-block;border-radius:4px}
 .verdict.pass{background:#d5f5e3}.verdict.fail{background:#fadbd8}
-.charts img{max-width:100%;margin:.3em .6em .3em 0;vertical-align:top}
+.charts svg{max-width:100%;height:auto;margin:.3em .6em .3em 0;vertical-align:top}
 .ret td{vertical-align:middle}
 .thumb{display:inline-block;margin:1px;border:3px solid transparent;text-align:center;font-size:.7em}
 .thumb img{display:block}.thumb.differs{border-color:#c0392b}.thumb.query{border-color:#2e86c1}
@@ -38,9 +40,8 @@ code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}
 """
 
 
-def render(data: ReportData, scratch: Path) -> str:
-    """The whole page for ``data``; ``scratch`` is a folder matplotlib may write its caches to."""
-    charts.configure(scratch)
+def render(data: ReportData) -> str:
+    """The whole page for ``data``."""
     parts = [f"<h1>reidbuild parity report: {_e(data.name)}</h1>", _summary(data)]
     for check in data.checks:
         parts.append(_check_section(check, data))
@@ -119,17 +120,19 @@ def _check_section(c: CheckData, data: ReportData) -> str:
     if c.reference is None or c.actual is None or c.reference.shape != c.actual.shape:
         return head + f"<p class=\"skip\">{_e(c.note or 'no per-image features recorded')}</p></section>"
     ref, act = c.reference.astype(np.float64), c.actual.astype(np.float64)
-    diff = np.abs(act - ref)
     cos = np.sum(ref * act, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(act, axis=1), 1e-30)
+    # the errors the check's atol/rtol judged: of L2-normalised features in the default mode, as max_abs says
+    mode = c.record.get("compare") or "raw"
+    diff = np.abs(in_mode(act, mode) - in_mode(ref, mode))
+    of = " (L2-normalised features)" if mode == "normalized" else ""
     min_cos = c.tolerance.get("min_cosine")
     failed = [not r.get("ok", True) for r in c.record.get("per_image") or []]
-    uris = [charts.per_image_bars(1.0 - cos, f"{c.name}: per-image cosine, shown as 1 - cosine",
+    svgs = [charts.per_image_bars(1.0 - cos, f"{c.name}: per-image cosine, shown as 1 - cosine",
                                   "1 - cosine", None if min_cos is None else 1.0 - min_cos, "1 - min_cosine", failed),
-            charts.per_image_bars(diff.max(axis=1), f"{c.name}: per-image max |error|", "max abs error",
+            charts.per_image_bars(diff.max(axis=1), f"{c.name}: per-image max |error|{of}", "max abs error",
                                   c.tolerance.get("atol"), "atol", failed),
-            charts.error_histogram(diff, f"{c.name}: element-wise errors")]
-    imgs = "".join(f"<img class=\"chart\" alt=\"chart\" src=\"{u}\">" for u in uris)
-    return head + f"<div class=\"charts\">{imgs}</div>" + _retrieval(c, data) + "</section>"
+            charts.error_histogram(diff, f"{c.name}: element-wise errors{of}")]
+    return head + f"<div class=\"charts\">{''.join(svgs)}</div>" + _retrieval(c, data) + "</section>"
 
 
 def _retrieval(c: CheckData, data: ReportData) -> str:
@@ -182,8 +185,8 @@ def _timeline(data: ReportData) -> str:
     timed = [t for t in data.timeline if t["seconds"] is not None]
     chart = ""
     if timed:
-        uri = charts.timeline([t["stage"] for t in timed], [t["seconds"] for t in timed], [t["cached"] for t in timed])
-        chart = f"<div class=\"charts\"><img class=\"chart\" alt=\"stage timeline\" src=\"{uri}\"></div>"
+        svg = charts.timeline([t["stage"] for t in timed], [t["seconds"] for t in timed], [t["cached"] for t in timed])
+        chart = f"<div class=\"charts\">{svg}</div>"
     return ("<section id=\"timeline\"><h2>Stage timeline</h2>" + chart +
             "<table><tr><th>stage</th><th>seconds</th><th>status</th><th>in the run that wrote this report</th></tr>"
             + rows + "</table></section>")

@@ -15,7 +15,7 @@ from ..manifest import LoadedManifest
 from ..pipeline import Stage, StageContext, StageResult
 
 STAGE = "report"
-REPORT_VERSION = 1  # bump when the page changes, so existing reports are rebuilt
+REPORT_VERSION = 2  # bump when the page changes, so existing reports are rebuilt
 
 
 def report_file_name(model_name: str) -> str:
@@ -30,7 +30,7 @@ def report_stage(lm: LoadedManifest, parity_stages: list[str], order: list[str],
         from ..report import collect, render
 
         data = collect(lm, ctx.lock, ctx.output_dir, order, cached=ctx.up_to_date, skip=(STAGE,))
-        return StageResult({out: render(data, ctx.tempdir()).encode()}, {"passed": data.passed, "checks": len(data.checks)})
+        return StageResult({out: render(data).encode()}, {"passed": data.passed, "checks": len(data.checks)})
 
     def equivalent(locked: Path, rebuilt: Path) -> Optional[str]:
         from ..report.render import embedded_data
@@ -42,7 +42,7 @@ def report_stage(lm: LoadedManifest, parity_stages: list[str], order: list[str],
 
     return Stage(STAGE, run, params={"version": REPORT_VERSION},
                  inputs={f"image[{i:03d}]": p for i, p in enumerate(images)},
-                 deps=tuple(parity_stages), outputs=(out,), tools=("matplotlib",), partial_deps=True,
+                 deps=tuple(parity_stages), outputs=(out,), partial_deps=True,
                  reproducible=False, equivalent=equivalent, reads_lock=True,
                  # a report from the shared cache shows the same results (with the run times of its build)
                  environment=lambda: {},

@@ -96,11 +96,11 @@ def test_report_is_a_locked_artifact_rebuilt_only_when_results_change(passing):
         assert cli("apply", str(m))[0] == 0
 
 
-def test_noop_apply_imports_neither_matplotlib_nor_torch(passing):
+def test_noop_apply_imports_neither_torch_nor_pil(passing):
     _root, m = passing
     code = ("import sys; from reidbuild.cli import main\n"
             "try:\n    main(['apply', sys.argv[1]])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "bad = [x for x in ('matplotlib', 'torch', 'PIL') if x in sys.modules]\nassert not bad, bad\n")
+            "bad = [x for x in ('torch', 'PIL') if x in sys.modules]\nassert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code, str(m)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
 
@@ -188,7 +188,7 @@ def test_retrieval_view_marks_the_neighbours_a_backend_changed(tmp_path):
                       {"rtol": 2.0, "atol": 1.0, "min_cosine": 0.5})
     data = ReportData("toy", "m.yml", {"config": "c.yml"}, {"onnx": {}}, [check], [], [], {"tools": {}, "runtimes": {},
                       "report written on": "test"}, {}, (64, 32))
-    page = render(data, tmp_path)
+    page = render(data)
     rows = re.findall(r"<tr><td><span class=\"thumb query\" title=\"(p\d)\.png\".*?</tr>", page)
     assert rows == [f"p{i}" for i in range(6)]
     moved = re.findall(r'<td class="(?:pass|fail)">(\d+)</td></tr>', page)
@@ -198,3 +198,18 @@ def test_retrieval_view_marks_the_neighbours_a_backend_changed(tmp_path):
     assert page.count('class="thumb differs"') == sum(expected)
     assert "FAIL" in page and "rtol=2, atol=1, min_cosine=0.5" in page
     assert embedded_data(page)["checks"][0]["suggested"] == {"rtol": 2.0, "atol": 1.0, "min_cosine": 0.5}
+
+
+def test_max_error_chart_shows_what_the_check_judged(passing):
+    """The per-image max |error| bars are of the features the check's atol applied to (L2-normalised in the
+    default mode), so the largest bar is the check's own max_abs, not the raw features' error."""
+    root, _ = passing
+    rec = lockfile.read(root / "m.lock").stages["parity.onnxruntime"].record
+    assert rec["compare"] == "normalized"
+    page = (root / "out" / "tiny.report.html").read_text()
+    chart = re.search(r'aria-label="onnxruntime: per-image max \|error\| \(L2-normalised features\)".*?</svg>',
+                      page, re.S)
+    assert chart is not None, "no max-error chart of normalised features for parity.onnxruntime"
+    bars = [float(v) for v in re.findall(r"<title>image \d+: ([^<( ]+)", chart.group(0))]
+    assert len(bars) == len(rec["per_image"])
+    assert max(bars) == pytest.approx(rec["max_abs"], rel=0.01)
