@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import onnx
 import onnxsim
+import pytest
 from torch import nn
+
+from reidbuild.errors import StageFailed
 
 from reidbuild.stages.onnx import export_onnx, file_summary, graph_changes, graph_summary, simplify_file
 
@@ -38,3 +41,13 @@ def test_file_summary_reads_what_onnx_parses(tmp_path):
         parsed = graph_summary(onnx.load(str(path)))
         assert file_summary(path) == parsed
         assert parsed["nodes"] > 3 and parsed["initializers"] > 3
+
+
+def test_file_summary_names_a_broken_file(tmp_path):
+    """A truncated or empty file is a one-line StageFailed naming it, not a traceback."""
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten()).eval()
+    data = export_onnx(module, 16, 8, 17, dynamic_batch=True)
+    for name, content in (("empty.onnx", b""), ("cut.onnx", data[: len(data) // 2])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(StageFailed, match=f"{name}: not a readable ONNX model"):
+            file_summary(tmp_path / name)

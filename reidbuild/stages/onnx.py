@@ -133,20 +133,23 @@ def file_summary(path: Path) -> dict[str, Any]:
 
     ops: Counter[str] = Counter()
     nodes = initializers = 0
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        for field, start, end in _fields(buf, 0, len(buf)):
-            if field != 7:
-                continue
-            for gfield, gstart, gend in _fields(buf, start, end):
-                if gfield == 1:
-                    op = ""
-                    for nfield, nstart, nend in _fields(buf, gstart, gend):
-                        if nfield == 4:
-                            op = bytes(buf[nstart:nend]).decode("utf-8")
-                    ops[op] += 1
-                    nodes += 1
-                elif gfield == 5:
-                    initializers += 1
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for field, start, end in _fields(buf, 0, len(buf)):
+                if field != 7:
+                    continue
+                for gfield, gstart, gend in _fields(buf, start, end):
+                    if gfield == 1:
+                        op = ""
+                        for nfield, nstart, nend in _fields(buf, gstart, gend):
+                            if nfield == 4:
+                                op = bytes(buf[nstart:nend]).decode("utf-8")
+                        ops[op] += 1
+                        nodes += 1
+                    elif gfield == 5:
+                        initializers += 1
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:  # empty, truncated or not protobuf
+        raise StageFailed(f"{path.name}: not a readable ONNX model ({exc})") from None
     return {"ops": ops, "nodes": nodes, "initializers": initializers}
 
 
