@@ -7,7 +7,6 @@ import pytest
 from torch import nn
 
 from reidbuild.errors import StageFailed
-
 from reidbuild.stages.onnx import export_onnx, file_summary, graph_changes, graph_summary, simplify_file
 
 
