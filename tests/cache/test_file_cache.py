@@ -28,10 +28,12 @@ def cli(*args: str) -> tuple[int, str, str]:
 
 def apply_in_fresh_process(*args: str) -> tuple[int, str, str, list[str]]:
     """`reidbuild apply` in a new interpreter; also returns which of torch, onnx and onnxruntime it imported."""
-    code = ("import runpy, sys\nsys.argv = ['reidbuild', 'apply'] + sys.argv[1:]\ntry:\n"
-            "    runpy.run_module('reidbuild.cli', run_name='__main__')\nexcept SystemExit as e:\n    rc = e.code\n"
-            "print('HEAVY', [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules], file=sys.stderr)\n"
-            "sys.exit(rc)")
+    # the command ends the process itself once its atexit handlers ran (reidbuild.launch.exit_now): the probe
+    # is one of them, registered first so that it runs last
+    code = ("import atexit, runpy, sys\nsys.argv = ['reidbuild', 'apply'] + sys.argv[1:]\n"
+            "atexit.register(lambda: print('HEAVY', [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules],"
+            " file=sys.stderr))\n"
+            "runpy.run_module('reidbuild.cli', run_name='__main__')\n")
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     heavy = next(line for line in r.stderr.splitlines() if line.startswith("HEAVY "))[6:]
