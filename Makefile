@@ -51,6 +51,7 @@ browser:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench_memory.py --only r101
 
 clean-outputs:
 	rm -rf outputs
