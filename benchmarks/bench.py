@@ -46,9 +46,9 @@ def cpu_facts() -> str:
     return f"{model}, {cores} usable cores, flags: {', '.join(simd) or 'none of avx2/avx512f/vnni'}"
 
 
-def apply_proc(manifest: Path, *extra: str) -> tuple[float, dict]:
+def apply_proc(manifest: Path, *extra: str, env_extra: dict[str, str] | None = None) -> tuple[float, dict]:
     """(wall s, --json output) of one `reidbuild apply` in a fresh process (CPU and RSS: RUSAGE_CHILDREN)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's install has .pyc files
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "reidbuild.cli", "apply", "--json", str(manifest), *extra],
@@ -79,29 +79,35 @@ def clean_build(manifest: Path) -> None:
         leftover.unlink()
 
 
-def full_apply(manifest: Path) -> tuple[float, float, float, dict]:
-    """(wall s, CPU s, peak RSS MiB, --json output) of one full apply from nothing, in a fresh process."""
+def full_apply(manifest: Path, env_extra: dict[str, str] | None = None) -> tuple[float, float, float, int, dict]:
+    """(wall s, CPU s, peak RSS MiB, minor page faults, --json output) of one full apply from nothing, in a fresh
+    process."""
     import resource
 
     clean_build(manifest)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall, info = apply_proc(manifest)
+    wall, info = apply_proc(manifest, env_extra=env_extra)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return wall, cpu, after.ru_maxrss / 1024.0, info  # ru_maxrss: the largest child so far
+    faults = after.ru_minflt - before.ru_minflt
+    return wall, cpu, after.ru_maxrss / 1024.0, faults, info  # ru_maxrss: the largest child so far
 
 
 def bench_apply(manifest: Path, noop_runs: int, full_runs: int) -> None:
     runs = [full_apply(manifest) for _ in range(full_runs)]
-    for i, (w, c, _, _) in enumerate(runs, 1):
-        print(f"[r50] full apply run {i}: {w:.2f} s wall, {c:.2f} s CPU")
+    for i, (w, c, _, f, _) in enumerate(runs, 1):
+        print(f"[r50] full apply run {i}: {w:.2f} s wall, {c:.2f} s CPU, {f:,d} page faults")
     wall = statistics.median(r[0] for r in runs)
     cpu = statistics.median(r[1] for r in runs)
     rss = max(r[2] for r in runs)
-    info = min(runs, key=lambda r: abs(r[0] - wall))[3]
+    info = min(runs, key=lambda r: abs(r[0] - wall))[4]
     stages = ", ".join(f"{k} {v:.1f}" for k, v in info["timings"].items())
     print(f"[r50] full apply (median of {full_runs}) {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {rss:.0f} MiB")
     print(f"[r50] stage times of the median run (s): {stages}")
+    w4, c4, _, f4, _ = full_apply(manifest, {"REIDBUILD_HUGEPAGES": "0"})
+    print(f"[r50] full apply without huge pages (REIDBUILD_HUGEPAGES=0): {w4:.2f} s wall, {c4:.2f} s CPU, "
+          f"{f4:,d} page faults: the median build above takes {wall / w4:.2f}x its wall time, "
+          f"{statistics.median(r[3] for r in runs) / max(f4, 1):.2f}x its page faults")
     first, *fast = [noop_proc(manifest) for _ in range(noop_runs + 1)]
     assert not first[2] and all(f[2] for f in fast), "the no-op fast path was not taken where expected"
     print(f"[r50] first no-op apply (normal path: plans, then records the no-op) {first[0]:.3f} s wall, "
