@@ -120,10 +120,11 @@ def _check_section(c: CheckData, data: ReportData) -> str:
     if c.reference is None or c.actual is None or c.reference.shape != c.actual.shape:
         return head + f"<p class=\"skip\">{_e(c.note or 'no per-image features recorded')}</p></section>"
     ref, act = c.reference.astype(np.float64), c.actual.astype(np.float64)
-    cos = np.sum(ref * act, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(act, axis=1), 1e-30)
     # the errors the check's atol/rtol judged: of L2-normalised features in the default mode, as max_abs says
     mode = c.record.get("compare") or "raw"
-    diff = np.abs(in_mode(act, mode) - in_mode(ref, mode))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf features: NaN cosine and errors, drawn as failed
+        cos = np.sum(ref * act, 1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(act, axis=1), 1e-30)
+        diff = np.abs(in_mode(act, mode) - in_mode(ref, mode))
     of = " (L2-normalised features)" if mode == "normalized" else ""
     min_cos = c.tolerance.get("min_cosine")
     failed = [not r.get("ok", True) for r in c.record.get("per_image") or []]

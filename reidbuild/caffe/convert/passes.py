@@ -6,6 +6,7 @@ until nothing changes. Dangling Slice parts go to a Silence layer so Caffe does 
 """
 from __future__ import annotations
 
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -114,15 +115,24 @@ def _producer(net: Net) -> dict[str, Layer]:
     return {t: l for l in net.layers for t in l.top}
 
 
-def _fuse_views(net: Net) -> bool:
-    """Reshape of a Reshape -> one Reshape; a Reshape to the same shape -> nothing."""
+def _fusable_pairs(net: Net, kind: str) -> Iterator[tuple[Layer, Optional[Layer]]]:
+    """Each ``kind`` layer with the layer of the same kind feeding it when that one can merge into it (its top
+    goes to this layer alone and is not the net's output), else None."""
     uses, prod = _uses(net), _producer(net)
     for l in net.layers:
-        if l.type != "Reshape":
+        if l.type != kind:
             continue
         src = l.bottom[0]
         p = prod.get(src)
-        if p is not None and p.type == "Reshape" and len(uses.get(src, [])) == 1 and src != "output":
+        ok = p is not None and p.type == kind and len(uses.get(src, [])) == 1 and src != "output"
+        yield l, p if ok else None
+
+
+def _fuse_views(net: Net) -> bool:
+    """Reshape of a Reshape -> one Reshape; a Reshape to the same shape -> nothing."""
+    for l, p in _fusable_pairs(net, "Reshape"):
+        src = l.bottom[0]
+        if p is not None:
             l.bottom = [p.bottom[0]]
             return True
         if net.shapes[src] == net.shapes[l.top[0]] and l.top[0] != "output":
@@ -135,13 +145,8 @@ def _fuse_views(net: Net) -> bool:
 
 def _fuse_power(net: Net) -> bool:
     """Power(power=1) followed by Power -> one Power (an affine map composed into the next)."""
-    uses, prod = _uses(net), _producer(net)
-    for l in net.layers:
-        if l.type != "Power":
-            continue
-        src = l.bottom[0]
-        p = prod.get(src)
-        if p is None or p.type != "Power" or len(uses.get(src, [])) != 1 or src == "output":
+    for l, p in _fusable_pairs(net, "Power"):
+        if p is None:
             continue
         a, b = p.params["power_param"], l.params["power_param"]
         if a.get("power", 1.0) != 1.0:
