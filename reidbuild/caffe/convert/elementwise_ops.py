@@ -5,6 +5,7 @@ Power layer. An ONNX Expand stays lazy (no blob) until an element-wise product o
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -270,26 +271,6 @@ def _binary_const(cv: Converter, node: Any, op: str, a: str, b: str, out_shape: 
     cv.set(out, cv.emit("Scale", [x], out, out_shape, {"scale_param": params}, blobs))
 
 
-def op_add(cv: Converter, node: Any) -> None:
-    """Add: see :func:`_binary`."""
-    _binary(cv, node, "Add")
-
-
-def op_sub(cv: Converter, node: Any) -> None:
-    """Sub: see :func:`_binary`."""
-    _binary(cv, node, "Sub")
-
-
-def op_mul(cv: Converter, node: Any) -> None:
-    """Mul: see :func:`_binary`."""
-    _binary(cv, node, "Mul")
-
-
-def op_div(cv: Converter, node: Any) -> None:
-    """Div: see :func:`_binary`."""
-    _binary(cv, node, "Div")
-
-
 def op_expand(cv: Converter, node: Any) -> None:
     """Expand stays lazy: Caffe only broadcasts inside a product, so the consumer decides."""
     src = node.input[0]
@@ -319,6 +300,7 @@ def _span(small: Shape, full: Shape, allow_inner_ones: bool = False) -> Optional
 HANDLERS: dict[str, Handler] = {
     "Relu": op_relu, "LeakyRelu": op_leaky_relu, "Sigmoid": op_sigmoid, "Tanh": op_tanh, "Exp": op_exp,
     "Log": op_log, "Abs": op_abs, "Sqrt": op_sqrt, "Reciprocal": op_reciprocal, "Neg": op_neg, "Pow": op_pow,
-    "Clip": op_clip, "Softmax": op_softmax, "PRelu": op_prelu, "Add": op_add, "Sub": op_sub, "Mul": op_mul,
-    "Div": op_div, "Expand": op_expand,
+    "Clip": op_clip, "Softmax": op_softmax, "PRelu": op_prelu, "Expand": op_expand,
+    # the four binary ops share one handler (see :func:`_binary`), told which op it converts
+    **{op: functools.partial(_binary, op=op) for op in ("Add", "Sub", "Mul", "Div")},
 }

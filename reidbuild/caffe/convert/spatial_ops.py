@@ -7,6 +7,7 @@ come from :mod:`reidbuild.caffe.shapes`, which the Caffe graph patches use too.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -204,21 +205,6 @@ def _reduce(cv: Converter, node: Any, method: str) -> None:
     cv.output_view(out, y, out_shape)
 
 
-def op_reduce_mean(cv: Converter, node: Any) -> None:
-    """ReduceMean: see :func:`_reduce`."""
-    _reduce(cv, node, "AVE")
-
-
-def op_reduce_max(cv: Converter, node: Any) -> None:
-    """ReduceMax: see :func:`_reduce`."""
-    _reduce(cv, node, "MAX")
-
-
-def op_reduce_sum(cv: Converter, node: Any) -> None:
-    """ReduceSum: see :func:`_reduce`."""
-    _reduce(cv, node, "SUM")
-
-
 def _hw(p: dict[str, Any], key: str, h: int, w: int, default: Optional[int], repeated: bool = False) -> None:
     """Set ``key`` (equal h, w) or ``key_h``/``key_w``; skip the default. Convolution spells kernel_size."""
     name = "kernel_size" if key == "kernel" else key
@@ -233,5 +219,7 @@ def _hw(p: dict[str, Any], key: str, h: int, w: int, default: Optional[int], rep
 HANDLERS: dict[str, Handler] = {
     "Conv": op_conv, "ConvTranspose": op_conv_transpose, "MaxPool": op_max_pool, "AveragePool": op_average_pool,
     "GlobalAveragePool": op_global_average_pool, "GlobalMaxPool": op_global_max_pool,
-    "ReduceMean": op_reduce_mean, "ReduceMax": op_reduce_max, "ReduceSum": op_reduce_sum,
+    # the three reductions share one handler (see :func:`_reduce`), told which Caffe pooling computes them
+    **{op: functools.partial(_reduce, method=m) for op, m in (("ReduceMean", "AVE"), ("ReduceMax", "MAX"),
+                                                               ("ReduceSum", "SUM"))},
 }
