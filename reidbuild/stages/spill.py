@@ -37,10 +37,11 @@ _PATCH_LOCK = threading.Lock()  # the hook is a module attribute of torch: one s
 
 @dataclass
 class Spill:
-    """What a spilled export parked: (tensor, shape) in file order."""
+    """What a spilled export parked: (tensor, shape) in file order, and how many bytes."""
 
     file: Path
     parked: list[tuple[Any, tuple[int, ...]]] = field(default_factory=list)
+    nbytes: int = 0
     hooked: bool = False  # whether the exporter exposed the hook point at all
 
 
@@ -84,6 +85,7 @@ def park(model: Any, keep: set[int], spill: Spill) -> None:
                 continue
             f.write(memoryview(t.detach().numpy()).cast("B"))
             spill.parked.append((t, tuple(t.shape)))
+            spill.nbytes += t.numel() * t.element_size()
             t.data = torch.empty(0, dtype=t.dtype)
 
 
